@@ -1,0 +1,224 @@
+"""What every training stage shares around the library trainer: output layout and resume rules, TrainingArguments from
+a recipe, metrics.jsonl + progress bar + loss.png callbacks, NaN guard, and the final save of adapter/tokenizer/run.json.
+
+Layout of an output_dir: adapter at the root, tokenizer, recipe.yaml, run.json (written last: marks a finished run),
+metrics.jsonl, loss.png, checkpoints/checkpoint-N (resumable).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import LorakitError
+from .outputs import check_writable, is_finished, run_info, write_json, write_text
+
+CHECKPOINTS = "checkpoints"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- output dir
+def prepare_output(cfg) -> tuple[Path, Optional[str]]:
+    """Validate output_dir against resume/force; return (path, checkpoint to resume from or None)."""
+    if not cfg.output_dir:
+        raise LorakitError("output_dir is required (output_dir=DIR)")
+    out = Path(cfg.output_dir)
+    ckpt = newest_checkpoint(out)
+    if cfg.resume:
+        if is_finished(out) and not cfg.force:
+            raise LorakitError(f"{out}: this run already finished; nothing to resume (force=true to train again)")
+        if ckpt is None:
+            print(f"lorakit: resume=true but {out} has no checkpoint yet; starting from the beginning", flush=True)
+        return out, ckpt
+    check_writable(out, cfg.force)
+    if ckpt is not None and not cfg.force:
+        raise LorakitError(f"{out}: holds checkpoints of an unfinished run; pass resume=true to continue it "
+                           "or force=true to start over")
+    if cfg.force and out.exists():
+        import shutil
+
+        for name in (CHECKPOINTS, "metrics.jsonl", "run.json"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return out, None
+
+
+def newest_checkpoint(out: Path) -> Optional[str]:
+    """The newest complete checkpoint (one holding trainer_state.json, written last by the trainer)."""
+    d = Path(out) / CHECKPOINTS
+    if not d.is_dir():
+        return None
+    done = [p for p in d.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def precision_flags(dtype: torch.dtype) -> dict:
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def training_arguments(cfg, out: Path, dtype: torch.dtype, **extra):
+    from transformers import TrainingArguments
+
+    from .models import device
+
+    kw = dict(
+        output_dir=str(out / CHECKPOINTS), max_steps=cfg.max_steps, save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(math.ceil(cfg.warmup_ratio * cfg.max_steps)), weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg.report_to),
+        save_strategy="steps", save_total_limit=2, remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_workers, include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False, use_cpu=device() == "cpu", ddp_backend="gloo" if device() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False, **precision_flags(dtype))
+    kw.update(extra)
+    if kw["report_to"] != "none":  # tensorboard logs go beside the run, not inside checkpoints/
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
+    return TrainingArguments(**kw)
+
+
+def _report_to(value: str):
+    items = [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
+    return items or "none"
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON object per logging step to metrics.jsonl (rank 0) with step, loss, lr and tokens/s, and
+    stops the run on a NaN/Inf loss, naming the step and the last good checkpoint."""
+
+    def __init__(self, out: Path, phase: Optional[str] = None):
+        self.path = Path(out) / "metrics.jsonl"
+        self.phase = phase
+        self.last = None  # (time, tokens)
+        self.latest: dict = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last = (time.time(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        now, tokens = time.time(), state.num_input_tokens_seen
+        if self.last and "loss" in logs:
+            dt = max(now - self.last[0], 1e-9)
+            logs["tokens_per_s"] = round((tokens - self.last[1]) / dt, 1)
+            self.last = (now, tokens)
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            last = newest_checkpoint(Path(args.output_dir).parent)
+            raise LorakitError(f"loss is {loss} at step {state.global_step}; stopped. Last good checkpoint: "
+                               f"{last or 'none'} (lower learning_rate, check the data, then resume=true)")
+        row = {"step": state.global_step, **({"phase": self.phase} if self.phase else {}),
+               **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}}
+        if "learning_rate" in row:
+            row["lr"] = row.pop("learning_rate")
+        self.latest.update(row)
+        if is_main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class ProgressCallback(TrainerCallback):
+    """One tqdm bar per run showing loss, learning rate, tokens/s and ETA (replaces the trainer's default bar)."""
+
+    def __init__(self, metrics: MetricsCallback, desc: str = "train"):
+        self.metrics, self.desc, self.bar = metrics, desc, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        if is_main_process():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is not None:
+            m = self.metrics.latest
+            post = {}
+            if "loss" in m:
+                post["loss"] = f"{m['loss']:.4f}"
+            if "lr" in m:
+                post["lr"] = f"{m['lr']:.2e}"
+            if "tokens_per_s" in m:
+                post["tok/s"] = f"{m['tokens_per_s']:.0f}"
+            self.bar.set_postfix(post, refresh=True)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str = "train") -> MetricsCallback:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+
+    trainer.remove_callback(HFProgress)
+    trainer.remove_callback(PrinterCallback)
+    metrics = MetricsCallback(out, phase)
+    trainer.add_callback(metrics)
+    trainer.add_callback(ProgressCallback(metrics, desc))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- plots and save
+def plot_metrics(out: Path, keys=("loss", "eval_loss")) -> Optional[Path]:
+    """loss.png from metrics.jsonl (one line per key that appears)."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file() or not is_main_process():
+        return None
+    rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_title(Path(out).name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    target = Path(out) / "loss.png"
+    tmp = target.with_name(".loss.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, target)
+    return target
+
+
+def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, **info) -> Path:
+    """Final artifacts at the root of output_dir; run.json last, so it marks a complete run."""
+    from .recipe import dump_yaml
+
+    if not is_main_process():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    write_text(out / "recipe.yaml", dump_yaml(cfg))
+    plot_metrics(out)
+    write_json(out / "run.json", run_info(stage, base_model, seed=cfg.seed, **info))
+    return out
