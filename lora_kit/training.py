@@ -66,7 +66,8 @@ def precision_flags(dtype: torch.dtype) -> dict:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def training_arguments(cfg, out: Path, dtype: torch.dtype, **extra):
+def training_arguments(cfg, out: Path, dtype: torch.dtype, args_class=None, **extra):
+    """TrainingArguments (or a subclass such as TRL's RewardConfig/DPOConfig via `args_class`) from a recipe."""
     from transformers import TrainingArguments
 
     from .models import device
@@ -84,7 +85,7 @@ def training_arguments(cfg, out: Path, dtype: torch.dtype, **extra):
     kw.update(extra)
     if kw["report_to"] != "none":  # tensorboard logs go beside the run, not inside checkpoints/
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
-    return TrainingArguments(**kw)
+    return (args_class or TrainingArguments)(**kw)
 
 
 def _report_to(value: str):
