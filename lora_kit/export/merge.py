@@ -1,0 +1,177 @@
+"""`lorakit merge`: fold LoRA adapters (in order) into the base weights, streamed tensor by tensor, verified, atomic.
+
+Output: a plain transformers model directory (or a GGUF file) with the adapters' tokenizer, trained embedding rows and
+heads; logits are checked against base + adapters before the directory appears.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import LorakitError
+from ..outputs import atomic_dir, run_info, write_json
+from .common import (DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, find_base, new_token_ids, parse_size,
+                     read_adapter, tensor_nbytes, write_safetensors_stream)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="base model (default: the first adapter's run.json base_model)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter directory; repeat to chain, in order")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the base model's)")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers directory or one GGUF file")
+    p.add_argument("--gguf-type", choices=["f16", "q8_0", "bf16", "f32"], default="f16", help="GGUF tensor type")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
+        raise LorakitError(f"{path}: already exists; pass --force to replace it")
+
+
+def main(args) -> int:
+    out = Path(args.output)
+    check_output(out, args.force)
+    adapters = [Path(a) for a in args.adapter]
+    for a in adapters:
+        if not (a / "adapter_config.json").is_file():
+            raise LorakitError(f"{a}: not an adapter directory (no adapter_config.json)")
+    base = Path(find_base(adapters, args.model))
+    if not base.is_dir():
+        from huggingface_hub import snapshot_download
+
+        base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    loaded = [read_adapter(a) for a in adapters]
+    task = "SEQ_CLS" if any(a.task_type == "SEQ_CLS" for a in loaded) else "CAUSAL_LM"
+    ckpt = Checkpoint(base)
+    dtype = DTYPES[args.dtype] if args.dtype else ckpt.dtype()
+    print(f"lorakit merge: {base} + {' + '.join(map(str, adapters))} -> {out} ({str(dtype)[6:]}, {args.format})")
+
+    with atomic_dir(out, force=True) as tmp:
+        work = tmp if args.format == "hf" else Path(tempfile.mkdtemp(prefix=".merge-hf-", dir=tmp.parent))
+        try:
+            tok, config = write_merged(ckpt, loaded, work, dtype, parse_size(args.shard_size), task, adapters)
+            result = verify(base, adapters, work, task, dtype, tok)
+            info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
+                        task_type=task, verification=result)
+            if args.format == "gguf":
+                from .gguf import export_gguf
+
+                gguf_file = export_gguf(work, tmp, args.gguf_type)
+                info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type)
+        finally:
+            if work != tmp:
+                shutil.rmtree(work, ignore_errors=True)
+        write_json(tmp / "run.json", run_info("merge", str(base), new_token_ids=new_token_ids(adapters), **info))
+    print(f"lorakit merge: wrote {out}")
+    return 0
+
+
+def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: torch.dtype, shard_size: int,
+                 task: str, adapter_dirs: list[Path]):
+    """Write merged safetensors shards, config and the adapters' tokenizer into `dst`; return (tokenizer, config)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(ckpt.path)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    touched = set().union(*(a.touched() for a in adapters))
+    source = {k: k for k in ckpt.keys}
+    if task == "SEQ_CLS":  # a reward model: the scalar `score` head replaces the LM head
+        source = {k: v for k, v in source.items() if not k.startswith("lm_head.")}
+    embed_key = next((k for k in ckpt.keys if k.endswith("embed_tokens.weight")), None)
+    if tied and "lm_head.weight" in touched and "lm_head.weight" not in source and embed_key:
+        source["lm_head.weight"] = embed_key  # LoRA on a tied head: the head becomes its own weight
+        tied = False
+    full = {k: t for a in adapters for k, t in a.full.items()}
+    for k in touched - set(source):
+        if k not in full:
+            owner = next(a.path for a in adapters if k in a.touched())
+            raise LorakitError(f"{owner}: adapter weight {k} has no counterpart in base model {ckpt.path}; "
+                               "the adapter was trained on another model")
+        source[k] = None  # a new module (e.g. the reward head) taken whole from the adapter
+
+    def shape_of(k):
+        return list(full[k].shape) if source[k] is None else ckpt.meta(source[k])[0]
+
+    def dtype_of(k):
+        src = full[k].dtype if source[k] is None else ckpt.meta(source[k])[1]
+        return dtype if src.is_floating_point else src
+
+    plan, shards, size = [(k, shape_of(k), dtype_of(k)) for k in source], [[]], 0
+    for item in plan:
+        n = tensor_nbytes(item[1], item[2])
+        if shards[-1] and size + n > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    bar = tqdm(total=sum(tensor_nbytes(s, d) for _, s, d in plan), unit="B", unit_scale=True, desc="merge")
+
+    def produce(key):
+        w = full[key] if source[key] is None else ckpt.get(source[key])
+        if key in touched:
+            w = w.float()
+            for a in adapters:
+                w = a.apply(key, w)
+            if not torch.isfinite(w).all():
+                raise LorakitError(f"merged weight {key} has non-finite values; an adapter holds NaN/inf")
+        out = w.to(dtype_of(key))
+        bar.update(tensor_nbytes(out.shape, out.dtype))
+        return out
+
+    weight_map = {}
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, items in zip(names, shards):
+        write_safetensors_stream(dst / name, items, produce)
+        ckpt.close()
+        weight_map.update({k: name for k, _, _ in items})
+    bar.close()
+    if len(shards) > 1:
+        total = sum(tensor_nbytes(s, d) for _, s, d in plan)
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    tok = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(adapter_dirs, ckpt.path))
+    rows = shape_of(embed_key)[0] if embed_key else len(tok)
+    if len(tok) > rows:
+        raise LorakitError(f"tokenizer has {len(tok)} tokens but {ckpt.path} has {rows} embedding rows; merge into "
+                           "the extended model written by `lorakit extend-vocab`")
+    tok.save_pretrained(dst)
+    config.dtype = dtype
+    config.vocab_size = rows
+    config.tie_word_embeddings = tied
+    if task == "SEQ_CLS":
+        config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.architectures or []]
+        config.num_labels = 1
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config.save_pretrained(dst)
+    if (ckpt.path / "generation_config.json").is_file() and task != "SEQ_CLS":
+        shutil.copy2(ckpt.path / "generation_config.json", dst / "generation_config.json")
+    return tok, config
+
+
+def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok) -> dict:
+    """Logits of the merged model against base + adapters (PEFT, unmerged) on a probe batch; fails outside tolerance."""
+    from .verify import compare, model_logits, probe_batch, reference_logits
+
+    rows = json.loads((merged / "config.json").read_text())["vocab_size"]
+    ids = probe_batch(tok, rows, new_token_ids(adapters))
+    pad = tok.pad_token_id
+    ref, bare = reference_logits(base, adapters, task, ids, pad)
+    out = model_logits(merged, task, ids, pad)
+    res = compare(ref, bare, out, dtype)
+    print(f"lorakit merge: verification on {tuple(ids.shape)} probe tokens: max |merged - (base + adapters)| = "
+          f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}; the adapters move logits by up to "
+          f"{res['adapter_effect']:.3g})")
+    if not res["ok"]:
+        raise LorakitError(f"verification failed: merged logits differ from base + adapters by {res['max_abs_diff']:.3g}"
+                           f" > {res['tolerance']:.3g}; nothing was written")
+    return res

@@ -1,0 +1,144 @@
+"""Export verification: logits of a written model against base + adapters run by PEFT, on a fixed probe batch.
+
+Weights are loaded block by block (one decoder layer at a time) straight from safetensors, so checking a 70B merge needs
+about one layer of memory; PEFT runs the adapters unmerged, so the check does not share the merge's arithmetic.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import LorakitError
+from .common import Checkpoint
+
+PROBE_TEXT = "今天天气很好，我们去公园散步吧。大语言模型的中文能力来自词表扩充和继续预训练。The quick brown fox, 2024."
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # × max(1, max |logit|)
+
+
+def probe_batch(tokenizer, rows: int, new_ids: list[int], length: int = 32) -> torch.Tensor:
+    """Two sequences: Chinese + English text, then the new token ids, the last rows and seeded random ids."""
+    text = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
+    text = [i for i in text if i < rows][:length] or [0]
+    first = (text * (length // len(text) + 1))[:length]
+    g = torch.Generator().manual_seed(0)
+    extra = [i for i in new_ids if i < rows][: length // 2] + list(range(max(0, rows - 4), rows))
+    second = (extra + torch.randint(0, rows, (length,), generator=g).tolist())[:length]
+    return torch.tensor([first, second])
+
+
+class LazyWeights:
+    """Materialise each block's parameters from the checkpoint just before it runs and drop them right after."""
+
+    def __init__(self, model, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        key_of_param: dict[int, str] = {}
+        owners = []
+        for mname, module in model.named_modules(remove_duplicate=False):
+            for pname, p in module.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if full in ckpt:
+                    key_of_param[id(p)] = full
+                owners.append((mname, module, pname, p))
+        # tied weights (lm_head -> embed_tokens) have no key of their own: found through the shared Parameter
+        self.slots = [(m, module, pn, key_of_param.get(id(p)), tuple(p.shape)) for m, module, pn, p in owners]
+        layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+        layer_paths = {n for n, m in model.named_modules() if layers is not None and any(m is l for l in layers)}
+        blocks = set(layer_paths)
+        for mname, *_ in self.slots:
+            if not any(mname == b or mname.startswith(b + ".") for b in layer_paths):
+                blocks.add(mname)
+        self.blocks = sorted(blocks)
+        # PEFT places adapter weights on the device of the base weight, so a meta base would leave them on meta:
+        # stand in a zero-stride CPU placeholder (one element of memory) until a block runs.
+        self._drop(self.slots)
+
+    def attach(self, model) -> None:
+        """Hook the module now found at each block path (PEFT may have wrapped the original one)."""
+        for path in self.blocks:
+            slots = [s for s in self.slots if s[0] == path or s[0].startswith(path + ".")]
+            target = model.get_submodule(path)
+            target.register_forward_pre_hook(lambda mod, args, slots=slots: self._load(slots))
+            target.register_forward_hook(lambda mod, args, out, slots=slots: self._drop(slots))
+
+    def _load(self, slots):
+        for _, module, pname, key, shape in slots:
+            if key is not None:
+                module._parameters[pname] = torch.nn.Parameter(self.ckpt.get(key).float(), requires_grad=False)
+        self.ckpt.close()
+
+    @staticmethod
+    def _drop(slots):
+        for _, module, pname, key, shape in slots:
+            placeholder = torch.zeros((), dtype=torch.float32).expand(shape)
+            module._parameters[pname] = torch.nn.Parameter(placeholder, requires_grad=False)
+
+
+def _empty_model(config, model_class):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed, not stored
+        model = model_class.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _config(path: Path, task_type: str, pad_token_id: Optional[int]):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if task_type == "SEQ_CLS":
+        config.num_labels = 1
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id if pad_token_id is not None else 0
+    config.use_cache = False
+    return config
+
+
+def model_class_for(task_type: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+
+
+@torch.no_grad()
+def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torch.Tensor, pad_id=None):
+    """(logits of base + adapters, logits of the bare base), computed by PEFT over block-loaded base weights."""
+    from peft import PeftModel
+
+    ckpt = Checkpoint(base)
+    model = _empty_model(_config(base, task_type, pad_id), model_class_for(task_type))
+    lazy = LazyWeights(model, ckpt)
+    names = [f"a{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], low_cpu_mem_usage=True)
+    for name, path in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
+    if len(names) > 1:
+        try:
+            peft_model.base_model.set_adapter(names)
+        except ValueError as e:
+            raise LorakitError(f"cannot check this chain of adapters with PEFT ({e}); merge them one at a time") from None
+    lazy.attach(peft_model.base_model.model)
+    ref = peft_model(input_ids=ids).logits.float()
+    with peft_model.disable_adapter():
+        bare = peft_model(input_ids=ids).logits.float()
+    return ref, bare
+
+
+@torch.no_grad()
+def model_logits(path: Path, task_type: str, ids: torch.Tensor, pad_id=None) -> torch.Tensor:
+    ckpt = Checkpoint(path)
+    model = _empty_model(_config(path, task_type, pad_id), model_class_for(task_type))
+    LazyWeights(model, ckpt).attach(model)
+    return model(input_ids=ids).logits.float()
+
+
+def compare(ref: torch.Tensor, bare: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Max |merged − reference| against a tolerance scaled to the logits, and how much the adapters moved them."""
+    if ref.shape != out.shape:
+        raise LorakitError(f"merged model's logits have shape {tuple(out.shape)}, base + adapters {tuple(ref.shape)}")
+    diff = float((out - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    tol = TOLERANCE.get(dtype, 1e-4) * scale
+    return {"max_abs_diff": diff, "tolerance": tol, "adapter_effect": float((ref - bare).abs().max()),
+            "ok": diff <= tol and bool(torch.isfinite(out).all())}
