@@ -1,0 +1,47 @@
+"""Embedding resize for an extended vocabulary: new rows are the mean of the base rows of the tokens that spell them
+(input embeddings and an untied lm_head alike), padding rows the mean of all base rows; old rows are kept bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+PAD_MULTIPLE = 64  # tensor-core friendly row count, as Chinese-LLaMA and most model configs use
+
+
+def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _init_rows(weight: torch.Tensor, base_rows: int, new_ids: list[int], parts: list[list[int]],
+               fill_from: int) -> None:
+    """Overwrite `new_ids` with sub-token means and every other row from `fill_from` on with the base mean."""
+    base = weight[:base_rows].float()
+    if new_ids:
+        means = torch.stack([base[p].mean(0) if p else base.mean(0) for p in parts])
+        weight[torch.tensor(new_ids)] = means.to(weight.dtype)
+    taken = set(new_ids)
+    others = [i for i in range(fill_from, weight.shape[0]) if i not in taken]
+    if others:
+        weight[torch.tensor(others)] = base.mean(0).to(weight.dtype)
+
+
+def resize_model(model, n_tokens: int, base_tokens: int, new_ids: list[int], parts: list[list[int]]) -> int:
+    """Resize `model` to hold `n_tokens` (padded to a multiple of 64); returns the new row count.
+
+    `base_tokens` rows (the base tokenizer's ids) stay identical; `parts[i]` are base ids spelling `new_ids[i]`.
+    """
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    rows = max(padded(n_tokens), old_rows)
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    keep = min(base_tokens, old_rows)
+    with torch.no_grad():
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        _init_rows(model.get_input_embeddings().weight, keep, new_ids, parts, fill_from=max(keep, old_rows))
+        out = model.get_output_embeddings()
+        if out is not None and not tied:
+            _init_rows(out.weight, keep, new_ids, parts, fill_from=max(keep, old_rows))
+    if tied:
+        model.tie_weights()
+    model.config.vocab_size = rows
+    return rows
