@@ -1,0 +1,106 @@
+"""`lorakit rm`: a reward model = LoRA adapter + scalar score head (`score`, saved through modules_to_save) on the base,
+trained with InstructGPT's pairwise loss -log σ(r_chosen − r_rejected) by TRL's RewardTrainer; reports held-out accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LorakitError
+from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+
+
+@dataclass
+class Config(ModelArgs, DataArgs, TrainArgs):
+    lora: LoraArgs = section(LoraArgs, "LoRA adapter")
+    eval_fraction: float = arg(0.1, "fraction of records (prompts) held out to measure pairwise accuracy")
+    center_rewards: float = arg(0.0, "weight of the (r_c + r_r)^2 penalty keeping scores near 0 (0 = off)")
+
+
+def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "truncate") -> tuple[list[dict], int]:
+    """{chosen_ids, rejected_ids} rendered like a conversation ending in the answer (the same text PPO scores)."""
+    from ..templates import encode
+
+    rows, dropped = [], 0
+    for group in groups:
+        for p in group:
+            c = encode(tokenizer, template, p.prompt + [{"role": "assistant", "content": p.chosen}])[0]
+            r = encode(tokenizer, template, p.prompt + [{"role": "assistant", "content": p.rejected}])[0]
+            if max(len(c), len(r)) > cutoff_len:
+                if overlong == "drop":
+                    dropped += 1
+                    continue
+                c, r = c[:cutoff_len], r[:cutoff_len]
+                if c == r:
+                    dropped += 1
+                    continue
+            rows.append({"chosen_ids": c, "rejected_ids": r})
+    return rows, dropped
+
+
+def load_reward_model(base: str, cfg, tokenizer):
+    """AutoModelForSequenceClassification with one label and the tokenizer's pad id (the head pools the last
+    non-pad token)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..models import load_model
+
+    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       model_class=AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def run(cfg: Config, dry_run: bool = False) -> Path:
+    import datasets
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from ..data import split_eval
+    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters, load_tokenizer, resolve_model
+    from ..pairs import read_pairs
+    from ..templates import resolve
+    from ..training import install_callbacks, is_main_process, prepare_output, save_run, training_arguments
+
+    out, ckpt = prepare_output(cfg)
+    base = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    template = resolve(cfg.template, tokenizer)
+    groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
+    train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
+    train, dropped = encode_pairs(train_groups, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    held, _ = encode_pairs(held_groups, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    if not train:
+        raise LorakitError(f"{cfg.data}: no pair left after tokenization (cutoff_len={cfg.cutoff_len})")
+    print(f"lorakit rm: {cfg.data}: {len(groups)} records -> {len(train)} training pairs, {len(held)} held-out pairs"
+          f" ({dropped} dropped as over-long)", flush=True)
+
+    set_seed(cfg.seed)  # the score head is initialised randomly at load
+    dtype = compute_dtype(cfg.dtype)
+    model = load_reward_model(base, cfg, tokenizer)
+    check_vocab(model, tokenizer, base)
+    model = attach_lora(model, cfg.lora, modules_to_save=["score"], task_type="SEQ_CLS",
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    print(f"lorakit rm: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), trainable {trainable:,} / "
+          f"{total:,} parameters ({trainable / total:.2%}); {cfg.batch_size * cfg.grad_accum} pairs per step", flush=True)
+    if dry_run:
+        return out
+
+    args = training_arguments(
+        cfg, out, dtype, args_class=RewardConfig, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=None, center_rewards_coefficient=cfg.center_rewards or None, disable_dropout=True,
+        eval_strategy="steps" if held else "no", eval_steps=cfg.save_steps if held else None,
+        per_device_eval_batch_size=cfg.batch_size)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                            eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tokenizer)
+    install_callbacks(trainer, out, desc="rm")
+    trainer.train(resume_from_checkpoint=ckpt)
+    info = {"pairs": len(train), "held_out_pairs": len(held)}
+    if held:
+        accuracy = trainer.evaluate()["eval_accuracy"]  # logged to metrics.jsonl by the callback as well
+        info["held_out_accuracy"] = round(accuracy, 4)
+        if is_main_process():
+            print(f"lorakit rm: held-out pairwise accuracy {accuracy:.3f} on {len(held)} pairs", flush=True)
+    return save_run(out, model, tokenizer, cfg, "rm", base, **info)
+
