@@ -1,7 +1,7 @@
 """Export verification: logits of a written model against base + adapters run by PEFT, on a fixed probe batch.
 
 Weights are loaded block by block (one decoder layer at a time) straight from safetensors, so checking a 70B merge needs
-about one layer of memory; PEFT runs the adapters unmerged, so the check does not share the merge's arithmetic.
+about one layer of memory; PEFT runs the (last) adapter unmerged, so the check does not share the merge's arithmetic.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def probe_batch(tokenizer, rows: int, new_ids: list[int], length: int = 32) -> t
 class LazyWeights:
     """Materialise each block's parameters from the checkpoint just before it runs and drop them right after."""
 
-    def __init__(self, model, ckpt: Checkpoint):
-        self.ckpt = ckpt
+    def __init__(self, model, ckpt: Checkpoint, transform=None):
+        self.ckpt, self.transform = ckpt, transform
         key_of_param: dict[int, str] = {}
         owners = []
         for mname, module in model.named_modules(remove_duplicate=False):
@@ -41,8 +41,17 @@ class LazyWeights:
                 if full in ckpt:
                     key_of_param[id(p)] = full
                 owners.append((mname, module, pname, p))
-        # tied weights (lm_head -> embed_tokens) have no key of their own: found through the shared Parameter
-        self.slots = [(m, module, pn, key_of_param.get(id(p)), tuple(p.shape)) for m, module, pn, p in owners]
+        # tied weights (lm_head -> embed_tokens) have no key of their own: found through the shared Parameter or,
+        # when the empty model was not tied, through the model's tied-weights table
+        tied = getattr(model, "_tied_weights_keys", None) if getattr(model.config, "tie_word_embeddings", False) else None
+        tied = tied if isinstance(tied, dict) else {}
+
+        def key_for(name, p):
+            key = key_of_param.get(id(p))
+            return key if key is not None else (tied.get(name) if tied.get(name) in ckpt else None)
+
+        self.slots = [(m, module, pn, key_for(f"{m}.{pn}" if m else pn, p), tuple(p.shape))
+                      for m, module, pn, p in owners]
         layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
         layer_paths = {n for n, m in model.named_modules() if layers is not None and any(m is l for l in layers)}
         blocks = set(layer_paths)
@@ -65,13 +74,17 @@ class LazyWeights:
     def _load(self, slots):
         for _, module, pname, key, shape in slots:
             if key is not None:
-                module._parameters[pname] = torch.nn.Parameter(self.ckpt.get(key).float(), requires_grad=False)
+                w = self.ckpt.get(key).float()
+                w = self.transform(key, w) if self.transform else w
+                module._parameters[pname] = torch.nn.Parameter(w, requires_grad=False)
         self.ckpt.close()
 
     @staticmethod
     def _drop(slots):
         for _, module, pname, key, shape in slots:
-            placeholder = torch.zeros((), dtype=torch.float32).expand(shape)
+            # NaN where no checkpoint tensor backs the weight: if such a weight is ever used, the check fails
+            fill = 0.0 if key is not None else float("nan")
+            placeholder = torch.full((), fill, dtype=torch.float32).expand(shape)
             module._parameters[pname] = torch.nn.Parameter(placeholder, requires_grad=False)
 
 
@@ -102,22 +115,22 @@ def model_class_for(task_type: str):
 
 
 @torch.no_grad()
-def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torch.Tensor, pad_id=None):
-    """(logits of base + adapters, logits of the bare base), computed by PEFT over block-loaded base weights."""
+def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torch.Tensor, pad_id=None, earlier=()):
+    """(logits of base + adapters, logits without the last adapter), the last adapter run by PEFT over block-loaded
+    base weights. Earlier adapters of a chain (`earlier`, read with `read_adapter`) are folded into the loaded weights:
+    PEFT cannot stack adapters whose token rows or saved modules differ (a KeyError in `load_adapter`)."""
     from peft import PeftModel
 
     ckpt = Checkpoint(base)
     model = _empty_model(_config(base, task_type, pad_id), model_class_for(task_type))
-    lazy = LazyWeights(model, ckpt)
-    names = [f"a{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], low_cpu_mem_usage=True)
-    for name, path in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
-    if len(names) > 1:
-        try:
-            peft_model.base_model.set_adapter(names)
-        except ValueError as e:
-            raise LorakitError(f"cannot check this chain of adapters with PEFT ({e}); merge them one at a time") from None
+
+    def fold(key, w):
+        for a in earlier:
+            w = a.apply(key, w)
+        return w
+
+    lazy = LazyWeights(model, ckpt, fold if earlier else None)
+    peft_model = PeftModel.from_pretrained(model, str(adapters[-1]), low_cpu_mem_usage=True)
     lazy.attach(peft_model.base_model.model)
     ref = peft_model(input_ids=ids).logits.float()
     with peft_model.disable_adapter():
@@ -141,4 +154,4 @@ def compare(ref: torch.Tensor, bare: torch.Tensor, out: torch.Tensor, dtype: tor
     scale = max(1.0, float(ref.abs().max()))
     tol = TOLERANCE.get(dtype, 1e-4) * scale
     return {"max_abs_diff": diff, "tolerance": tol, "adapter_effect": float((ref - bare).abs().max()),
-            "ok": diff <= tol and bool(torch.isfinite(out).all())}
+            "ok": diff <= tol and bool(torch.isfinite(out).all() and torch.isfinite(ref).all())}
