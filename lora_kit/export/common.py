@@ -40,6 +40,7 @@ class Lora:
     B: torch.Tensor  # (out, r)
     scale: float
     transpose: bool = False  # the weight stores ΔW transposed (embedding LoRA, fan_in_fan_out)
+    embedding: bool = False  # saved as lora_embedding_A/B
 
     def delta(self) -> torch.Tensor:
         d = (self.B.double() @ self.A.double() * self.scale).float()
@@ -127,8 +128,34 @@ def read_adapter(path) -> Adapter:
         if A is None or B is None:
             raise LorakitError(f"{weights}: {mod} has only one of its two LoRA factors")
         ad.lora[f"{mod}.weight"] = Lora(A, B, _scale(config, mod, A.shape[0]),
-                                        transpose=emb or bool(config.get("fan_in_fan_out")))
+                                        transpose=emb or bool(config.get("fan_in_fan_out")), embedding=emb)
     return ad
+
+
+def write_adapter(dst: Path, lora: dict[str, Lora], rank: int, *, rows=None, full=None, task_type="CAUSAL_LM",
+                  base_model: Optional[str] = None, fan_in_fan_out: bool = False) -> None:
+    """Save factors as a PEFT adapter (scale folded into B: lora_alpha = r) loadable by `PeftModel.from_pretrained`."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    rows, full = rows or {}, full or {}
+    sd = {}
+    for key, f in lora.items():
+        mod = key[: -len(".weight")]
+        a, b = ("lora_embedding_A", "lora_embedding_B") if f.embedding else ("lora_A.weight", "lora_B.weight")
+        sd[f"{PREFIX}{mod}.{a}"] = f.A.float().contiguous()
+        sd[f"{PREFIX}{mod}.{b}"] = (f.B.float() * f.scale).contiguous()
+    for key, (idx, val) in rows.items():
+        sd[f"{PREFIX}{key[: -len('.weight')]}.token_adapter.trainable_tokens_delta"] = val.float().contiguous()
+    for key, t in full.items():
+        sd[f"{PREFIX}{key}"] = t.contiguous()
+    tokens = {k[: -len(".weight")].split(".")[-1]: idx.tolist() for k, (idx, _) in rows.items()}
+    mts = sorted({k.rsplit(".", 1)[0] for k in full}) or None
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(k[: -len(".weight")] for k in lora) or None,
+                        trainable_token_indices=tokens or None, modules_to_save=mts, task_type=task_type,
+                        fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=base_model)
+    config.save_pretrained(str(dst))
+    save_file(sd, str(Path(dst) / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def _token_indices(config: dict, module: str, where) -> list[int]:
