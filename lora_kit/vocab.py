@@ -156,17 +156,15 @@ def select(sp_pieces: list[str], words: list[str], present: set[str], budget: in
 
     def take(source, limit):
         nonlocal skipped
-        rest = []
-        for p in source:
+        for i, p in enumerate(source):
+            if len(out) >= limit:
+                return source[i:]
             if p in seen:
                 skipped += p in present
                 continue
-            if len(out) >= limit:
-                rest.append(p)
-                continue
             seen.add(p)
             out.append(p)
-        return rest
+        return []
 
     rest = take(sp_pieces, quota)
     take(words, budget)
@@ -224,17 +222,22 @@ def extend_bytelevel(base: Base, pieces: list[str], words: list[str], args, out:
     pure = [p for p in pieces if vocab_check.PURE_HAN.match(p)]  # the pre-tokenizer splits punctuation off words
     budget, skipped = args.vocab_size, 0
     quota = budget - int(round(budget * args.jieba_share))
-    used, deferred = 0, []
-    for source, limit in ((pure, quota), (words, budget), (None, budget)):
-        for p in tqdm(source if source is not None else deferred, desc="adding merges", leave=False, mininterval=1):
-            if to_bl_in(merger, p):
+    used = 0
+
+    def feed(source, limit):
+        nonlocal used, skipped
+        for i, p in enumerate(tqdm(source, desc="adding merges", leave=False, mininterval=1)):
+            if used >= limit:
+                return source[i:]
+            if vocab_bpe.to_bytelevel(p) in merger.vocab:
                 skipped += 1
                 continue
-            if used >= limit:
-                if source is pure:
-                    deferred.append(p)
-                continue
             used += len(merger.add_piece(p, limit - used))
+        return []
+
+    rest = feed(pure, quota)
+    feed(words, budget)
+    feed(rest, budget)
     removed = []
     for _ in range(10):
         doc, _ = merger.to_doc(base.doc)
@@ -255,10 +258,6 @@ def extend_bytelevel(base: Base, pieces: list[str], words: list[str], args, out:
             "n_tokens": max(new_ids, default=merger.next_id - 1) + 1, "base_tokens": new_ids[0] if new_ids else 0,
             "parts": vocab_bpe.base_ids(base.doc, added),
             "encoders": {"base": _hf_encode(base_tok), "new": _hf_encode(new_tok)}}
-
-
-def to_bl_in(merger, piece: str) -> bool:
-    return vocab_bpe.to_bytelevel(piece) in merger.vocab
 
 
 def _read_json(path: Path) -> dict:
