@@ -105,15 +105,26 @@ def read_corpus(specs: list[str]) -> tuple[list[str], list[str]]:
     return train, held
 
 
+COVERAGE = 0.9995  # of the corpus characters; the rest stay byte fallback (Chinese-LLaMA used the same)
+
+
 def train_chinese(lines: list[str], vocab_size: int) -> bytes:
     """SentencePiece BPE on the corpus: characters (coverage 0.9995) then merged pieces, in merge order."""
+    from collections import Counter
+
     import sentencepiece as spm
+
+    freq = sorted(Counter(c for l in lines for c in l if not c.isspace()).values(), reverse=True)
+    total, acc, chars = sum(freq), 0, 0
+    while chars < len(freq) and acc < COVERAGE * total:
+        acc, chars = acc + freq[chars], chars + 1
+    vocab_size = max(vocab_size, chars + 100)  # SentencePiece refuses fewer pieces than covered characters
 
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-            hard_vocab_limit=False, character_coverage=0.9995, split_digits=True, byte_fallback=False,
+            hard_vocab_limit=False, character_coverage=COVERAGE, split_digits=True, byte_fallback=False,
             add_dummy_prefix=False, max_sentencepiece_length=16, max_sentence_length=1 << 16,
             bos_id=-1, eos_id=-1, unk_id=0, num_threads=2, minloglevel=2)
     except RuntimeError as e:

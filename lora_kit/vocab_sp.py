@@ -80,24 +80,25 @@ def remove_pieces(proto, drop: set[str]):
 
 
 def hf_merges(proto) -> list[tuple[str, str]]:
-    """BPE merges equivalent to SentencePiece's encoder: highest-scoring result first.
+    """BPE merges equivalent to SentencePiece's encoder: the highest-scoring result first.
 
-    SentencePiece merges the adjacent pair whose concatenation scores highest, leftmost on ties. All its ties are the
-    whitespace-only pieces (one score for all); merging them leftmost-first grows the left run one space at a time, so
-    they become (▁×k, ▁) merges ranked longest-first, after every other merge.
+    SentencePiece merges the adjacent pair whose concatenation scores highest, leftmost on ties. LLaMA's only ties are
+    its whitespace-only pieces (one score for all); merging those leftmost-first grows the left run one space at a
+    time, so a tied group of them becomes (▁×k, ▁) merges ranked longest-first.
     """
+    from itertools import groupby
+
     score = {p.piece: p.score for p in proto.pieces if p.type in (NORMAL, UNUSED)}
-    ws = {p for p in score if set(p) == {SPACE}}
-    ranked = sorted((p for p in score if p not in ws and len(p) > 1), key=lambda p: -score[p])
+    ranked = sorted((p for p in score if len(p) > 1), key=lambda p: -score[p])
     merges = []
-    for piece in ranked:
-        for i in range(1, len(piece)):
-            left, right = piece[:i], piece[i:]
-            if left in score and right in score:
-                merges.append((left, right))
-    for k in sorted((len(p) - 1 for p in ws if len(p) > 1), reverse=True):
-        if SPACE * k in ws:
-            merges.append((SPACE * k, SPACE))
+    for _, group in groupby(ranked, key=lambda p: score[p]):
+        group = list(group)
+        if len(group) > 1 and all(set(p) == {SPACE} for p in group):
+            merges += [(p[:-1], SPACE) for p in sorted(group, key=len, reverse=True) if p[:-1] in score]
+            continue
+        for piece in group:
+            merges += [(piece[:i], piece[i:]) for i in range(1, len(piece))
+                       if piece[:i] in score and piece[i:] in score]
     return merges
 
 
@@ -107,11 +108,20 @@ def hf_tokenizer_json(proto) -> str:
     unk = next((p.piece for p in proto.pieces if p.type == UNKNOWN), "<unk>")
     specials = [(i, p.piece) for i, p in enumerate(proto.pieces) if p.type in (UNKNOWN, CONTROL, USER_DEFINED)]
     bos = proto.trainer_spec.bos_piece if proto.trainer_spec.bos_id >= 0 else None
+    spec = proto.normalizer_spec
     norm = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    if spec.remove_extra_whitespaces:  # SentencePiece strips the ends and collapses runs of spaces
+        norm[:0] = [{"type": "Strip", "strip_left": True, "strip_right": True},
+                    {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
+    if spec.precompiled_charsmap:  # e.g. nmt_nfkc: the same compiled rules SentencePiece applies
+        import base64
+
+        norm.insert(0, {"type": "Precompiled",
+                        "precompiled_charsmap": base64.b64encode(spec.precompiled_charsmap).decode()})
     decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
                 {"type": "Fuse"}]
-    if proto.normalizer_spec.add_dummy_prefix:
-        norm.insert(0, {"type": "Prepend", "prepend": SPACE})
+    if spec.add_dummy_prefix:
+        norm.insert(len(norm) - 1, {"type": "Prepend", "prepend": " "})
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     single = [{"Sequence": {"id": "A", "type_id": 0}}]
     pair = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]
