@@ -100,6 +100,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LorakitError as e:
         print(f"lorakit {cmd.name}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except KeyboardInterrupt:
         print(f"lorakit {cmd.name}: interrupted", file=sys.stderr)
         return 130

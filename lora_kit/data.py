@@ -46,23 +46,31 @@ def bundled_path(name: str) -> Optional[Path]:
     return None
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _read_jsonl(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
+    """Records of a JSON-lines file; a bad line raises, or is appended to `problems` and skipped when given."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LorakitError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
             except UnicodeDecodeError as e:
-                raise LorakitError(f"{path}:{n}: invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
+                err = LorakitError(f"{path}:{n}: invalid UTF-8 at byte {e.start}")
+            except LorakitError as e:
+                err = e
+            else:
+                yield Record(str(path), n, obj)
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorakitError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
-            yield Record(str(path), n, obj)
+            if problems is None:
+                raise err
+            problems.append(str(err))
 
 
-def _read_json(path: Path) -> Iterator[Record]:
+def _read_json(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -71,7 +79,7 @@ def _read_json(path: Path) -> Iterator[Record]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if "Extra data" in e.msg:  # a .json file holding JSON lines
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, problems)
             return
         raise LorakitError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
     if isinstance(obj, dict):
@@ -85,7 +93,7 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield Record(str(path), n, rec)
 
 
-def _read_table(path: Path) -> Iterator[Record]:
+def _read_table(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
     if path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
@@ -97,8 +105,9 @@ def _read_table(path: Path) -> Iterator[Record]:
         yield Record(str(path), n, row)
 
 
-def read_records(spec: str) -> list[Record]:
-    """Records from a file (json, jsonl, parquet, csv), a bundled dataset name, or a hub dataset id."""
+def read_records(spec: str, problems: Optional[list] = None) -> list[Record]:
+    """Records from a file (json, jsonl, parquet, csv), a bundled dataset name, or a hub dataset id. With a
+    `problems` list, unreadable lines are reported there and skipped instead of raising."""
     if not spec:
         raise LorakitError("no data given (data=FILE|BUNDLED_NAME|HUB_ID)")
     path = Path(spec).expanduser()
@@ -108,12 +117,12 @@ def read_records(spec: str) -> list[Record]:
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_table, ".parquet": _read_table}
         if path.suffix not in readers:
             raise LorakitError(f"{path}: unsupported file type (json, jsonl, parquet, csv)")
-        records = list(readers[path.suffix](path))
+        records = list(readers[path.suffix](path, problems))
     elif path.is_dir() or spec.startswith((".", "/", "~")) or spec.endswith((".json", ".jsonl", ".csv", ".parquet")):
         raise LorakitError(f"{spec}: data file not found")
     else:
         records = _read_hub(spec)
-    if not records:
+    if not records and not problems:
         raise LorakitError(f"{spec}: no records")
     return records
 

@@ -179,10 +179,12 @@ def check_vocab(model, tokenizer, where: str = "model") -> None:
                            "use the model directory written by `lorakit extend-vocab`, which holds both")
 
 
-def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int]] = None,
+def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | dict[str, list[int]]] = None,
                 modules_to_save: Optional[list[str]] = None, task_type: str = "CAUSAL_LM",
                 gradient_checkpointing: bool = False):
-    """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows)."""
+    """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows).
+
+    `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
@@ -193,14 +195,84 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int]] = N
     targets = lora.target_modules
     targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     extra = {}
-    if trainable_token_indices:
+    if isinstance(trainable_token_indices, dict):
+        extra["trainable_token_indices"] = {k: list(v) for k, v in trainable_token_indices.items()}
+    elif trainable_token_indices:
         extra["trainable_token_indices"] = {"embed_tokens": list(trainable_token_indices)}
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         task_type=task_type, modules_to_save=modules_to_save, **extra)
     return get_peft_model(model, config)
 
 
+def token_row_targets(model, rows: list[int]) -> dict[str, list[int]]:
+    """{module name: rows} for peft's trainable tokens: the input embedding, plus lm_head when it is not tied to it
+    (a tied lm_head follows the embedding's rows by itself)."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n}
+    out = {names[id(model.get_input_embeddings())]: list(rows)}
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(model.config, "tie_word_embeddings", False):
+        out[names[id(head)]] = list(rows)
+    return out
+
+
+def attach_token_rows(model, targets: dict[str, list[int]]):
+    """Wrap `model` in a PEFT model that trains only the given embedding rows (`token_row_targets`) and nothing else;
+    its saved adapter holds just those rows. Trainable rows are kept in fp32 whatever the base dtype."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    indices = sorted({i for rows in targets.values() for i in rows})
+    if any(sorted(set(rows)) != indices for rows in targets.values()):
+        raise ValueError("trainable token rows must be the same for every target module")
+    model = get_peft_model(model, TrainableTokensConfig(token_indices=indices, target_modules=list(targets)))
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model an adapter was trained on: run.json `base_model`, else adapter_config.json."""
+    from .outputs import read_run
+
+    p = Path(adapter)
+    if not (p / "adapter_config.json").is_file():
+        raise LorakitError(f"{p}: not an adapter directory (no adapter_config.json)")
+    base = read_run(p).get("base_model")
+    if not base:
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LorakitError(f"{p}: cannot tell which base model this adapter needs; pass --model")
+    return base
+
+
+def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, dtype: str = "auto",
+                       quantization: str = "none", trust_remote_code: bool = False):
+    """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
+    import yaml
+
+    if not model and not adapter:
+        raise LorakitError("give --model and/or --adapter")
+    base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
+    template = "auto"
+    tok_source = base
+    if adapter:
+        ap = Path(adapter)
+        if (ap / "tokenizer_config.json").is_file():
+            tok_source = str(ap)  # an extended vocabulary travels with the adapter
+        if (ap / "recipe.yaml").is_file():
+            template = (yaml.safe_load((ap / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("template", "auto")
+    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    net = load_model(base, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_vocab(net, tokenizer, tok_source)
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    return net, tokenizer, template

@@ -44,6 +44,12 @@ def check_writable(path: Path, force: bool, what: str = "output") -> None:
                            "or choose another output_dir")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file + rename)."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -58,6 +64,7 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

