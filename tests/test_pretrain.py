@@ -115,7 +115,7 @@ def test_phase1_changes_only_the_new_embedding_rows(fixture, request, corpus, tm
 def test_phase2_changes_lora_and_the_rows_only_and_continues_phase1(ext_untied, corpus, tmp_path):
     model_dir, new_ids = ext_untied
     out = tmp_path / "out"
-    assert pretrain(model_dir, corpus, out) == 0
+    assert pretrain(model_dir, corpus, out, "phase1.learning_rate=0.1") == 0
     base = base_state(model_dir)
     model = with_adapter(model_dir, out)
     trained = {n: p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n}
@@ -133,6 +133,7 @@ def test_phase2_changes_lora_and_the_rows_only_and_continues_phase1(ext_untied, 
 
     # phase 2 starts exactly where phase 1 ended: LoRA B = 0 and the rows copied over
     p1_run, p2_run = read_run(out / "phase1"), read_run(out / "phase2")
+    assert p1_run["eval_after"]["eval_loss"] != pytest.approx(p1_run["eval_before"]["eval_loss"], abs=1e-3)
     assert p2_run["eval_before"]["eval_loss"] == pytest.approx(p1_run["eval_after"]["eval_loss"], abs=1e-5)
     files = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json", "metrics.jsonl",
@@ -263,3 +264,13 @@ def test_recipe_loads_and_dry_run(ext_tied, corpus, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "phase 1:" in text and "phase 2:" in text and "LoRA r8" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_phase2_in_4bit_keeps_rows_and_lora_in_full_precision(ext_tied, corpus, tmp_path):
+    model_dir, new_ids = ext_tied
+    out = tmp_path / "out"
+    assert pretrain(model_dir, corpus, out, "quantization=4bit", "phase1.max_steps=1", "phase2.max_steps=2") == 0
+    weights = load_file(out / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert weights["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape[0] == len(new_ids)
+    assert any("lora_B" in k for k in weights)
