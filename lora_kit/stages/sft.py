@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..errors import LorakitError
 from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
@@ -37,17 +38,32 @@ def prepare_data(cfg, tokenizer, template):
     return train, held, stats
 
 
-def run(cfg: Config, dry_run: bool = False) -> Path:
-    from transformers import Trainer
+@dataclass
+class Job:
+    """Everything `run` needs after setup; tests use it to look at weights before and after training."""
+
+    trainer: object
+    model: object
+    tokenizer: object
+    out: Path
+    checkpoint: Optional[str]
+    base: str
+    new_ids: list
+    stats: object
+
+
+def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
+    from transformers import Trainer, set_seed
 
     from ..data import Collator
     from ..models import (attach_lora, check_vocab, compute_dtype, count_parameters, load_model, load_tokenizer,
                           resolve_model)
     from ..outputs import read_run
     from ..templates import resolve
-    from ..training import install_callbacks, prepare_output, save_run, training_arguments
+    from ..training import install_callbacks, prepare_output, training_arguments
 
     out, ckpt = prepare_output(cfg)
+    set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     template = resolve(cfg.template, tokenizer)
@@ -58,6 +74,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     dtype = compute_dtype(cfg.dtype)
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     check_vocab(model, tokenizer, base)
+    model.config.use_cache = False  # training needs no KV cache (and a cache disables packed-sequence masking)
     new_ids = read_run(Path(base)).get("new_token_ids", []) if Path(base).is_dir() else []
     model = attach_lora(model, cfg.lora, trainable_token_indices=new_ids if cfg.train_new_tokens else None,
                         gradient_checkpointing=cfg.gradient_checkpointing)
@@ -66,13 +83,21 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     print(f"lorakit sft: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), trainable {trainable:,} / "
           f"{total:,} parameters ({trainable / total:.2%}); ~{per_step:,} tokens per optimizer step", flush=True)
     if dry_run:
-        return out
-
+        return None
     args = training_arguments(cfg, out, dtype, eval_strategy="steps" if held else "no",
                               eval_steps=cfg.save_steps if held else None)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held or None,
                       data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer)
     install_callbacks(trainer, out, desc="sft")
-    trainer.train(resume_from_checkpoint=ckpt)
-    return save_run(out, model, tokenizer, cfg, "sft", base, new_token_ids=new_ids, data_stats=vars(stats))
+    return Job(trainer, model, tokenizer, out, ckpt, base, new_ids, stats)
 
+
+def run(cfg: Config, dry_run: bool = False) -> Path:
+    from ..training import save_run
+
+    job = setup(cfg, dry_run)
+    if job is None:
+        return Path(cfg.output_dir)
+    job.trainer.train(resume_from_checkpoint=job.checkpoint)
+    return save_run(job.out, job.model, job.tokenizer, cfg, "sft", job.base, new_token_ids=job.new_ids,
+                    data_stats=vars(job.stats))

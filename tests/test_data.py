@@ -1,0 +1,153 @@
+"""Data: exact label masks per template, format detection, packing, and one-line errors for malformed files."""
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import write_jsonl
+from lora_kit.data import Collator, conversations, pack, read_records, tokenize_conversations
+from lora_kit.errors import LorakitError
+from lora_kit.templates import TEMPLATES, encode, resolve
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_alpaca_mask_with_chat_template(tok, tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "判断情感", "input": "很好", "output": "正面"}])
+    (rec, msgs), = conversations(read_records(str(f)))[0]
+    assert msgs == [{"role": "user", "content": "判断情感\n很好"}, {"role": "assistant", "content": "正面"}]
+    input_ids, labels = encode(tok, resolve("auto", tok), msgs)
+    prompt = ids(tok, "<|im_start|>user\n判断情感\n很好<|im_end|>\n<|im_start|>assistant\n")
+    answer = ids(tok, "正面<|im_end|>\n")
+    assert input_ids == prompt + answer
+    assert labels == [-100] * len(prompt) + answer
+
+
+def test_multiturn_sharegpt_trains_every_assistant_turn(tok, tmp_path):
+    rec = {"system": "你是助手", "conversations": [
+        {"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+        {"from": "human", "value": "再见"}, {"from": "gpt", "value": "再见！"}]}
+    f = write_jsonl(tmp_path / "s.jsonl", [rec])
+    (_, msgs), = conversations(read_records(str(f)))[0]
+    input_ids, labels = encode(tok, resolve("auto", tok), msgs)
+    parts = [("<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False),
+             ("你好！<|im_end|>\n", True), ("<|im_start|>user\n再见<|im_end|>\n<|im_start|>assistant\n", False),
+             ("再见！<|im_end|>\n", True)]
+    want_ids, want_labels = [], []
+    for text, trained in parts:
+        p = ids(tok, text)
+        want_ids += p
+        want_labels += p if trained else [-100] * len(p)
+    assert input_ids == want_ids and labels == want_labels
+
+
+def test_registry_template_alpaca_masks_prompt_and_trains_eos(tok):
+    msgs = [{"role": "user", "content": "问题"}, {"role": "assistant", "content": "回答"}]
+    input_ids, labels = encode(tok, TEMPLATES["alpaca"], msgs)
+    answer = ids(tok, "回答<|im_end|>\n\n")
+    assert input_ids[-len(answer):] == answer and labels[-len(answer):] == answer
+    assert set(labels[: -len(answer)]) == {-100}
+
+
+def test_every_registry_template_renders_a_two_turn_conversation(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    for name, t in TEMPLATES.items():
+        input_ids, labels = encode(tok, t, msgs)
+        trained = tok.decode([i for i, l in zip(input_ids, labels) if l != -100])
+        assert "A1" in trained and "A2" in trained and "Q1" not in trained and "Q2" not in trained, name
+
+
+def test_messages_format_and_role_errors(tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "robot", "content": "x"}]}])
+    with pytest.raises(LorakitError, match=r"m.jsonl:1: field 'messages\[1\].role' has unknown role 'robot'"):
+        conversations(read_records(str(f)))
+
+
+def test_truncate_and_drop_are_counted(tok, tmp_path):
+    recs = [{"instruction": "短", "output": "好"}, {"instruction": "长", "output": "很长的回答" * 20},
+            {"instruction": "长" * 60, "output": "答"}]  # the last one's answer lies wholly past the cutoff
+    convs, _ = conversations(read_records(str(write_jsonl(tmp_path / "t.jsonl", recs))))
+    short = len(encode(tok, None, convs[0][1])[0])
+    ex, stats = tokenize_conversations(convs, tok, None, cutoff_len=short + 40, overlong="truncate")
+    assert (stats.records, stats.truncated, stats.dropped) == (2, 1, 1) and len(ex[1]["input_ids"]) == short + 40
+    ex, stats = tokenize_conversations(convs, tok, None, cutoff_len=short + 40, overlong="drop")
+    assert (stats.records, stats.truncated, stats.dropped) == (1, 0, 2)
+
+
+def test_pack_keeps_records_whole_and_positions_restart():
+    examples = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([5, 3, 7, 2, 6, 1], 1)]
+    rows = pack(examples, capacity=8)
+    assert sorted(x for r in rows for x in r["input_ids"]) == sorted(x for e in examples for x in e["input_ids"])
+    assert all(len(r["input_ids"]) <= 8 for r in rows) and len(rows) == 3  # 24 tokens, 3 bins of 8
+    for r in rows:  # each record's tokens are contiguous and its positions count 0..n-1
+        starts = [i for i, p in enumerate(r["position_ids"]) if p == 0]
+        for s, e in zip(starts, starts[1:] + [len(r["input_ids"])]):
+            assert len(set(r["input_ids"][s:e])) == 1 and r["position_ids"][s:e] == list(range(e - s))
+    batch = Collator(pad_id=0)(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (3, 8) and batch["use_cache"] is False
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("content,expect", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad.jsonl:2: invalid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad.jsonl:2: field 'output' is missing"),
+    ('{"instruction": "a", "output": ["b"]}\n', r"bad.jsonl:1: field 'output' must be a string, got list"),
+])
+def test_malformed_file_gives_one_line_error_no_traceback(tmp_path, tiny_model_dir, content, expect):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content, encoding="utf-8")
+    r = _cli("sft", f"model={tiny_model_dir}", f"data={bad}", f"output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("lorakit")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    import re
+
+    assert re.search(expect, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_bad_records_reports_count(tok, tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"},
+                                           {"instruction": "c", "output": "d"}])
+    convs, skipped = conversations(read_records(str(f)), skip_bad=True)
+    assert len(convs) == 2 and skipped == 1
+
+
+def test_data_check_lists_every_problem(tmp_path, capsys):
+    from lora_kit.cli import main
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"instruction": "a", "output": "b"}\nnope\n{"instruction": "a", "output": ""}\n'
+                 '{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    assert main(["data", "check", str(f)]) == 1
+    out = capsys.readouterr().out
+    assert "d.jsonl:2: invalid JSON" in out and "d.jsonl:3: field 'output' is empty" in out
+    assert "d.jsonl:4: duplicate of record 1" in out and "3 records, 3 problems" in out
+
+
+def test_bundled_tasks_rebuild_identically(tmp_path):
+    from lora_kit.data import BUNDLED_DIR
+    from lora_kit.zh_tasks import build
+
+    counts = build(tmp_path, sample_file=BUNDLED_DIR / "alpaca_zh_sample.jsonl")
+    assert counts["zh_sentiment_test"] == 200 and counts["zh_sentiment_train"] == 1600
+    for name in counts:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (BUNDLED_DIR / f"{name}.jsonl").read_bytes(), name
+    test = [json.loads(l) for l in (tmp_path / "zh_sentiment_test.jsonl").read_text().splitlines()]
+    train = {json.loads(l)["input"] for l in (tmp_path / "zh_sentiment_train.jsonl").read_text().splitlines()}
+    assert not train & {r["input"] for r in test}  # held-out really is held out
+    assert sum(r["output"] == "正面" for r in test) == 100
