@@ -266,6 +266,7 @@ def test_recipe_loads_and_dry_run(ext_tied, corpus, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_phase2_in_4bit_keeps_rows_and_lora_in_full_precision(ext_tied, corpus, tmp_path):
     model_dir, new_ids = ext_tied
     out = tmp_path / "out"
