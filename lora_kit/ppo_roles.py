@@ -1,0 +1,180 @@
+"""The four PPO roles on one base model held once in memory, as peft adapters: actor = adapter `default` (saved at the
+root of output_dir), critic = adapter `value` + a value head, reference = adapters disabled (or the frozen SFT adapter
+`ref`), reward = adapter `reward` + its score head from `lorakit rm`, or a rule-based `reward_fn`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import LorakitError
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """`package.module:function` called as fn(prompts: list[str], responses: list[str]) -> list[float]."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise LorakitError(f"reward_fn '{spec}' must look like package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise LorakitError(f"reward_fn '{spec}': cannot import ({e})") from None
+    if not callable(fn):
+        raise LorakitError(f"reward_fn '{spec}' is not callable")
+    return fn
+
+
+def _adapter_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise LorakitError(f"{p}: {what} must be an adapter directory (with adapter_config.json), "
+                           f"e.g. the output_dir of `lorakit {'rm' if what == 'reward_adapter' else 'sft'}`")
+    return p
+
+
+def score_head_state(adapter_dir: Path) -> dict:
+    """The reward model's score head (saved through modules_to_save by `lorakit rm`)."""
+    from safetensors.torch import load_file
+
+    heads = {k.rsplit(".", 1)[1]: v for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()
+             if ".score." in f".{k}"}
+    if "weight" not in heads:
+        raise LorakitError(f"{adapter_dir}: adapter has no score head; reward_adapter must come from `lorakit rm`")
+    return heads
+
+
+class Roles:
+    """Forward passes for each role; `trainable` lists the parameters PPO optimises (actor + critic)."""
+
+    def __init__(self, base_model, lora, *, sft_adapter: str = "", reward_adapter: str = "", value_from_reward=True):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        hidden = base_model.config.hidden_size
+        if sft_adapter:
+            sft = _adapter_dir(sft_adapter, "sft_adapter")
+            self.model = PeftModel.from_pretrained(base_model, str(sft), adapter_name="default", is_trainable=True)
+            self.model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
+        else:
+            targets = lora.target_modules
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                target_modules="all-linear" if targets == "all-linear" else
+                                [t.strip() for t in targets.split(",") if t.strip()])
+            self.model = get_peft_model(base_model, config, adapter_name="default")
+        self.has_ref_adapter = bool(sft_adapter)
+        self.value_head = nn.Linear(hidden, 1)
+        self.score_head: Optional[nn.Linear] = None
+        if reward_adapter:
+            rm = _adapter_dir(reward_adapter, "reward_adapter")
+            self.model.load_adapter(str(rm), adapter_name="reward", is_trainable=False)
+            state = score_head_state(rm)
+            self.score_head = nn.Linear(hidden, 1, bias="bias" in state)
+            self.score_head.load_state_dict({k: v.float() for k, v in state.items()})
+            self.score_head.requires_grad_(False)
+        if reward_adapter and value_from_reward:  # InstructGPT initialises the value function from the RM
+            self.model.load_adapter(str(rm), adapter_name="value", is_trainable=True)
+            with torch.no_grad():
+                self.value_head.weight.copy_(self.score_head.weight)
+                self.value_head.bias.copy_(self.score_head.bias if self.score_head.bias is not None else 0)
+        else:
+            from peft import LoraConfig as LC
+
+            targets = lora.target_modules
+            self.model.add_adapter("value", LC(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                               target_modules="all-linear" if targets == "all-linear" else
+                                               [t.strip() for t in targets.split(",") if t.strip()]))
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch
+        self.backbone = self.model.get_base_model().model
+        self.lm_head = self.model.get_base_model().get_output_embeddings()
+        names = ("default", "value")
+        self.named_trainable = {n: p for n, p in self.model.named_parameters()
+                                if any(f".{a}." in n for a in names) and ("lora_" in n or "modules_to_save" in n
+                                                                          or "trainable_tokens" in n)}
+        self.named_trainable.update({f"value_head.{k}": p for k, p in self.value_head.named_parameters()})
+        self._use("default")
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.named_trainable.values())
+
+    def _use(self, adapter: str) -> None:
+        """Activate one adapter; actor and critic stay trainable whichever is active (peft freezes inactive ones)."""
+        self.model.set_adapter(adapter)
+        keep = {id(p) for p in self.named_trainable.values()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    def _hidden(self, adapter: Optional[str], ids, mask, positions) -> torch.Tensor:
+        ctx = self.model.disable_adapter() if adapter is None else contextlib.nullcontext()
+        if adapter is not None:
+            self._use(adapter)
+        with ctx:
+            return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+
+    # ------------------------------------------------------------------------------------------------ roles
+    def policy_logits(self, ids, mask, positions, start: int) -> torch.Tensor:
+        """Logits predicting tokens ids[:, start:] (the response), from the actor."""
+        h = self._hidden("default", ids, mask, positions)
+        return self.lm_head(h[:, start - 1:-1])
+
+    def ref_logits(self, ids, mask, positions, start: int) -> torch.Tensor:
+        h = self._hidden("ref" if self.has_ref_adapter else None, ids, mask, positions)
+        return self.lm_head(h[:, start - 1:-1])
+
+    def values(self, ids, mask, positions, start: int) -> torch.Tensor:
+        h = self._hidden("value", ids, mask, positions)
+        return self.value_head(h[:, start - 1:-1].float()).squeeze(-1)
+
+    @torch.no_grad()
+    def scores(self, ids, pad_id: int) -> torch.Tensor:
+        """Reward-model scores, pooled like AutoModelForSequenceClassification: the last token that is not pad."""
+        mask = (ids != pad_id).long()
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        h = self._hidden("reward", ids, torch.ones_like(ids), positions)
+        last = (positions * mask).argmax(-1)
+        return self.score_head(h[torch.arange(len(ids)), last].float()).squeeze(-1)
+
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        """PPO-ptx: the actor's language-modelling loss on an SFT batch (labels -100 outside answers)."""
+        self._use("default")
+        return self.model(**batch).loss
+
+    def generate(self, **kw):
+        self._use("default")
+        return self.model.generate(**kw)
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().contiguous() for n, p in self.named_trainable.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.named_trainable) - set(state)
+        if missing:
+            raise LorakitError(f"checkpoint does not match this model (missing {sorted(missing)[:2]})")
+        with torch.no_grad():
+            for n, p in self.named_trainable.items():
+                p.copy_(state[n])
+
+    def save(self, out: Path) -> None:
+        """Actor adapter at the root of `out`; critic as out/value/ (adapter + value_head.safetensors)."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        tmp = out / ".value-tmp"
+        self.model.save_pretrained(tmp, selected_adapters=["value"], safe_serialization=True)
+        shutil.rmtree(out / "value", ignore_errors=True)
+        (tmp / "value").rename(out / "value")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_file({k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(out / "value" / "value_head.safetensors"))
+        (out / "value" / "README.md").unlink(missing_ok=True)
+        (out / "value" / "lorakit_value.json").write_text(json.dumps({"role": "PPO critic: adapter + value head"}))

@@ -1,0 +1,352 @@
+"""`lorakit ppo`: RLHF with PPO (InstructGPT step 3) on LoRA adapters over one shared base (roles in ppo_roles.py).
+
+Written by hand on transformers/peft/torch because TRL 1.16 has no PPO trainer (see FACTS); the maths is ppo_core.py.
+Rollouts sample with the KV cache; checkpoints hold actor, critic, optimizer, KL controller, reward statistics, RNG and
+data position, written atomically, so `resume=true` continues bit-for-bit (fp32).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LorakitError
+from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+
+PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac", "value_loss")
+
+
+@dataclass
+class Config(ModelArgs, DataArgs, TrainArgs):
+    lora: LoraArgs = section(LoraArgs, "LoRA for the actor (when no sft_adapter) and the critic")
+    sft_adapter: str = arg("", "SFT adapter the actor starts from (also the frozen reference); empty = base")
+    reward_adapter: str = arg("", "reward model from `lorakit rm` (adapter + score head)")
+    reward_fn: str = arg("", "rule-based reward instead: package.module:function(prompts, responses) -> floats")
+    max_new_tokens: int = arg(48, "tokens sampled per response")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_k: int = arg(0, "top-k sampling (0 = off)")
+    top_p: float = arg(1.0, "nucleus sampling (1 = off)")
+    mini_batch_size: int = arg(4, "prompts per PPO update; batch_size prompts are rolled out per step")
+    ppo_epochs: int = arg(2, "passes over each rollout batch")
+    clip_range: float = arg(0.2, "PPO ratio clip (Schulman et al. 2017)")
+    value_clip: float = arg(0.2, "value prediction clip around the rollout values")
+    vf_coef: float = arg(0.1, "value loss weight (TRL's PPOv2 default)")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    init_kl_coef: float = arg(0.05, "per-token KL penalty coefficient at the start")
+    kl_target: float = arg(6.0, "adaptive KL target per response (0 = fixed coefficient)")
+    kl_horizon: int = arg(10000, "adaptive KL horizon (Ziegler et al. 2019)")
+    normalize_reward: bool = arg(True, "normalise scores with running mean/std")
+    reward_clip: float = arg(10.0, "clip normalised scores to ±this")
+    value_from_reward: bool = arg(True, "initialise the critic from the reward model (InstructGPT)")
+    ptx_data: str = arg("", "PPO-ptx: SFT dataset mixed into every update (InstructGPT)")
+    ptx_coef: float = arg(0.0, "PPO-ptx: weight of the language-modelling loss")
+    eval_samples: int = arg(16, "held-out prompts scored at the start and end (with eval_fraction > 0)")
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def sample(roles, cfg, tokenizer, queries: list[list[int]]) -> dict:
+    """Generate responses with the actor; ids/mask/positions cover prompt + response, `rmask` the response tokens."""
+    q_ids, q_mask = left_pad(queries, tokenizer.pad_token_id)
+    gen = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+               max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    with torch.no_grad():
+        out = roles.generate(input_ids=q_ids, attention_mask=q_mask, **gen)
+    resp = out[:, q_ids.shape[1]:]
+    if resp.shape[1] == 0:
+        raise LorakitError("the actor generated nothing; raise max_new_tokens")
+    is_eos = resp == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
+    rmask = (~after_eos).long()
+    resp = resp.masked_fill(after_eos, tokenizer.pad_token_id)
+    mask = torch.cat([q_mask, rmask], 1)
+    return {"ids": torch.cat([q_ids, resp], 1), "mask": mask, "positions": (mask.cumsum(-1) - 1).clamp(min=0),
+            "start": q_ids.shape[1], "rmask": rmask.float(), "resp": resp}
+
+
+def response_texts(batch, tokenizer) -> list[str]:
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch["resp"], batch["rmask"])]
+
+
+def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]], texts: list[str]) -> torch.Tensor:
+    if reward_fn is not None:
+        vals = reward_fn([p[-1]["content"] for p in prompts], texts)
+        if len(vals) != len(texts):
+            raise LorakitError(f"reward_fn returned {len(vals)} values for {len(texts)} responses")
+        return torch.tensor([float(v) for v in vals])
+    from ..templates import encode
+
+    seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0] for p, t in zip(prompts, texts)]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+    return roles.scores(ids, tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------- one PPO step
+def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, queries, kl_ctl, moments, ptx_batch=None):
+    """Roll out, score, compute advantages, update actor and critic; returns the logged statistics."""
+    from .. import ppo_core as pc
+
+    b = sample(roles, cfg, tokenizer, queries)
+    texts = response_texts(b, tokenizer)
+    raw = score(roles, cfg, tokenizer, template, reward_fn, prompts, texts).float()
+    args = (b["ids"], b["mask"], b["positions"], b["start"])
+    m = b["rmask"]
+    with torch.no_grad():
+        old_logp = pc.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
+        ref_logp = pc.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
+        old_values = roles.values(*args)
+    scores = raw
+    if cfg.normalize_reward:
+        moments.update(raw)
+        scores = moments.normalise(raw).clamp(-cfg.reward_clip, cfg.reward_clip)
+    rewards, kl = pc.token_rewards(scores, old_logp, ref_logp, m, kl_ctl.value)
+    adv, returns = pc.gae(rewards, old_values, m, cfg.gamma, cfg.lam)
+    adv = pc.masked_whiten(adv, m)
+
+    stats = {"pg_loss": [], "value_loss": [], "clipfrac": [], "vf_clipfrac": [], "entropy": [], "approx_kl": [],
+             "ptx_loss": []}
+    n = len(queries)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n)
+        for i in range(0, n, cfg.mini_batch_size):
+            idx = order[i:i + cfg.mini_batch_size]
+            mb = (b["ids"][idx], b["mask"][idx], b["positions"][idx], b["start"])
+            logits = roles.policy_logits(*mb) / cfg.temperature
+            logp = pc.logprobs_from_logits(logits, b["resp"][idx])
+            pg, clipfrac, approx_kl = pc.policy_loss(logp, old_logp[idx], adv[idx], m[idx], cfg.clip_range)
+            vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip)
+            loss = pg + cfg.vf_coef * vl
+            if ptx_batch is not None and cfg.ptx_coef > 0:
+                ptx = roles.lm_loss(ptx_batch)
+                loss = loss + cfg.ptx_coef * ptx
+                stats["ptx_loss"].append(ptx.item())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(roles.trainable, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                stats["entropy"].append(pc.masked_mean(pc.entropy_from_logits(logits), m[idx]).item())
+            for k, v in (("pg_loss", pg), ("value_loss", vl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clip),
+                         ("approx_kl", approx_kl)):
+                stats[k].append(v.item() if torch.is_tensor(v) else float(v))
+    kl_seq = kl.sum(-1).mean().item()
+    kl_ctl.update(kl_seq, n)
+    row = {k: round(sum(v) / len(v), 6) for k, v in stats.items() if v}
+    row.update(reward=round(raw.mean().item(), 6), kl=round(kl_seq, 6), kl_coef=round(kl_ctl.value, 6),
+               response_len=round(m.sum(-1).mean().item(), 3), lr=sched.get_last_lr()[0])
+    return row, texts
+
+
+@torch.no_grad()
+def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
+    """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched."""
+    from .. import ppo_core as pc
+    from ..templates import prompt_ids
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rows, total, kl = [], [], []
+        for i in range(0, len(prompts), cfg.batch_size):
+            ps = prompts[i:i + cfg.batch_size]
+            b = sample(roles, cfg, tokenizer, [prompt_ids(tokenizer, template, p)[-cfg.cutoff_len:] for p in ps])
+            texts = response_texts(b, tokenizer)
+            s = score(roles, cfg, tokenizer, template, reward_fn, ps, texts)
+            args = (b["ids"], b["mask"], b["positions"], b["start"])
+            lp = pc.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
+            ref = pc.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
+            kl += ((lp - ref) * b["rmask"]).sum(-1).tolist()
+            total += s.tolist()
+            rows += [{"prompt": p[-1]["content"], "response": t, "score": round(float(v), 4)} for p, t, v in zip(ps, texts, s)]
+    return sum(total) / len(total), sum(kl) / len(kl), rows
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, keep: int = 2) -> Path:
+    """checkpoints/checkpoint-N, built in a temporary directory and renamed; trainer_state.json marks it complete."""
+    import random
+
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(roles.trainable_state(), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, "kl_controller": kl_ctl.state_dict(),
+                                                        "reward_moments": moments.state_dict()}))
+    final = root / f"checkpoint-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    done = sorted((p for p in root.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
+    import random
+
+    from safetensors.torch import load_file
+
+    roles.load_trainable_state(load_file(str(ckpt / "trainable.safetensors")))
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    kl_ctl.load_state_dict(meta["kl_controller"])
+    moments.load_state_dict(meta["reward_moments"])
+    return int(meta["global_step"])
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        keep = [l for l in rows if json.loads(l).get("step", 0) <= step]
+        path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _ptx_batches(cfg, tokenizer, template):
+    from ..data import Collator, conversations, read_records, tokenize_conversations
+
+    convs, _ = conversations(read_records(cfg.ptx_data), "auto", cfg.skip_bad_records)
+    examples, _ = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, "truncate")
+    collate = Collator(tokenizer.pad_token_id)
+    return lambda step: collate([examples[(step * cfg.mini_batch_size + j) % len(examples)]
+                                 for j in range(cfg.mini_batch_size)])
+
+
+def run(cfg: Config, dry_run: bool = False) -> Path:
+    import random
+
+    from transformers import get_scheduler
+
+    from ..data import split_eval
+    from ..models import check_vocab, compute_dtype, count_parameters, load_model, load_tokenizer, resolve_model
+    from ..outputs import write_text
+    from ..pairs import read_prompts
+    from ..ppo_core import KLController, RunningMoments
+    from ..ppo_roles import Roles, load_reward_fn
+    from ..templates import prompt_ids, resolve
+    from ..training import is_main_process, plot_metrics, prepare_output, save_run
+
+    if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
+        raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or reward_fn=package.module:function")
+    if cfg.batch_size % cfg.mini_batch_size:
+        raise LorakitError(f"batch_size ({cfg.batch_size}) must be a multiple of mini_batch_size ({cfg.mini_batch_size})")
+    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    out, ckpt = prepare_output(cfg)
+    base = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    template = resolve(cfg.template, tokenizer)
+    prompts = read_prompts(cfg.data, cfg.max_samples, cfg.skip_bad_records)
+    train, held = split_eval(prompts, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.eval_samples]
+    queries = [prompt_ids(tokenizer, template, p)[-cfg.cutoff_len:] for p in train]
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    dtype = compute_dtype(cfg.dtype)
+    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    check_vocab(model, tokenizer, base)
+    if cfg.gradient_checkpointing:
+        print("lorakit ppo: gradient_checkpointing is not used by PPO (the model runs in eval mode, no dropout)")
+    roles = Roles(model, cfg.lora, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter,
+                  value_from_reward=cfg.value_from_reward)
+    trainable, total = count_parameters(roles.model)
+    updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    print(f"lorakit ppo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}); {len(train)} prompts "
+          f"({len(held)} held out); actor + critic trainable {trainable:,} / {total:,}; reward = "
+          f"{cfg.reward_adapter or cfg.reward_fn}; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
+          f"{cfg.batch_size} rollouts x {cfg.max_new_tokens} tokens per step, {updates} updates", flush=True)
+    if dry_run:
+        return out
+
+    opt = torch.optim.AdamW(roles.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(math.ceil(cfg.warmup_ratio * updates)),
+                          num_training_steps=updates)
+    kl_ctl, moments = KLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon), RunningMoments()
+    ptx = _ptx_batches(cfg, tokenizer, template) if cfg.ptx_data and cfg.ptx_coef > 0 else None
+    step = 0
+    if ckpt:
+        step = load_checkpoint(Path(ckpt), roles, opt, sched, kl_ctl, moments)
+        trim_metrics(out, step)
+        print(f"lorakit ppo: resumed from {ckpt} at step {step}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+
+    def log(row):
+        if is_main_process():
+            with open(metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    samples = {}
+    if held and step == 0:
+        r, k, samples["before"] = evaluate(roles, cfg, tokenizer, template, reward_fn, held, cfg.seed)
+        log({"step": 0, "eval_reward": round(r, 6), "eval_kl": round(k, 6)})
+        print(f"lorakit ppo: held-out mean reward before {r:.4f}", flush=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True,
+               disable=not is_main_process())
+    while step < cfg.max_steps:
+        epoch, offset = divmod(step * cfg.batch_size, len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        idx = [order[(offset + j) % len(train)] for j in range(cfg.batch_size)]  # data position = f(step)
+        t0 = time.time()
+        row, _ = ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, [train[i] for i in idx],
+                          [queries[i] for i in idx], kl_ctl, moments, ptx(step) if ptx else None)
+        step += 1
+        row = {"step": step, **row, "seconds": round(time.time() - t0, 2)}
+        if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+            raise LorakitError(f"non-finite PPO statistics at step {step} ({row}); lower learning_rate, then resume")
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", refresh=False)
+        if step % cfg.save_steps == 0 and step < cfg.max_steps:
+            save_checkpoint(out, step, roles, opt, sched, kl_ctl, moments)
+    bar.close()
+    info = {}
+    if held:
+        r, k, samples["after"] = evaluate(roles, cfg, tokenizer, template, reward_fn, held, cfg.seed)
+        log({"step": step, "eval_reward": round(r, 6), "eval_kl": round(k, 6)})
+        info.update(held_out_reward=round(r, 4), held_out_kl=round(k, 4))
+        print(f"lorakit ppo: held-out mean reward after {r:.4f} (KL to reference {k:.3f})", flush=True)
+        if is_main_process():
+            write_text(out / "samples.jsonl", "".join(json.dumps({"when": w, **s}, ensure_ascii=False) + "\n"
+                                                      for w, rows in samples.items() for s in rows))
+    if is_main_process():
+        roles.save(out)
+        plot_metrics(out, PLOT_KEYS)
+    return save_run(out, _NoSave(), tokenizer, cfg, "ppo", base, **info)
+
+
+class _NoSave:
+    """save_run writes the model; the actor adapter is already at the root (Roles.save)."""
+
+    def save_pretrained(self, *a, **kw):
+        pass
