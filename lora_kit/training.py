@@ -38,6 +38,9 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
             raise LorakitError(f"{out}: this run already finished; nothing to resume (force=true to train again)")
         if ckpt is None:
             print(f"lorakit: resume=true but {out} has no checkpoint yet; starting from the beginning", flush=True)
+        else:
+            print(f"lorakit: resuming from {ckpt}", flush=True)
+        trim_metrics(out, ckpt)
         return out, ckpt
     check_writable(out, cfg.force)
     if ckpt is not None and not cfg.force:
@@ -53,12 +56,36 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
 
 
 def newest_checkpoint(out: Path) -> Optional[str]:
-    """The newest complete checkpoint (one holding trainer_state.json, written last by the trainer)."""
+    """The newest complete checkpoint. The trainer writes trainer_state.json after the weights, optimizer and RNG
+    states, so a checkpoint whose state file is missing or unparsable was cut off (e.g. by kill -9) and is skipped."""
     d = Path(out) / CHECKPOINTS
     if not d.is_dir():
         return None
-    done = [p for p in d.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+    done = []
+    for p in d.glob("checkpoint-*"):
+        try:
+            step = json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if str(step) == p.name[len("checkpoint-"):]:
+            done.append((step, p))
+    return str(max(done)[1]) if done else None
+
+
+def trim_metrics(out: Path, checkpoint: Optional[str]) -> None:
+    """On resume, forget metrics logged after the checkpoint (they will be logged again)."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file() or not is_main_process():
+        return
+    step = int(Path(checkpoint).name[len("checkpoint-"):]) if checkpoint else 0
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut off by a kill
+    write_text(path, "".join(l + "\n" for l in keep))
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
