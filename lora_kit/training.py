@@ -203,8 +203,9 @@ def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str
 
 
 # ---------------------------------------------------------------------------------------------------- plots and save
-def plot_metrics(out: Path, keys=("loss", "eval_loss")) -> Optional[Path]:
-    """loss.png from metrics.jsonl (one line per key that appears)."""
+def plot_metrics(out: Path, keys=("loss", "eval_loss"), panels: bool = False) -> Optional[Path]:
+    """loss.png from metrics.jsonl (one line per key that appears); `panels` gives each key its own axes (for
+    metrics on different scales, e.g. PPO's reward, KL and response length)."""
     path = Path(out) / "metrics.jsonl"
     if not path.is_file() or not is_main_process():
         return None
@@ -214,21 +215,36 @@ def plot_metrics(out: Path, keys=("loss", "eval_loss")) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
         return None
+    if panels:
+        cols = min(3, len(series))
+        nrows = -(-len(series) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+        for ax, (key, pts) in zip(axes.flat, series.items()):
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+            ax.set_title(key, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(series):]:
+            ax.axis("off")
+        fig.suptitle(Path(out).name)
+        fig.tight_layout()
+        return _save_png(fig, Path(out) / "loss.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, pts in series.items():
+        ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
     ax.set_xlabel("step")
     ax.set_title(Path(out).name)
     ax.legend()
     ax.grid(alpha=0.3)
-    target = Path(out) / "loss.png"
+    return _save_png(fig, Path(out) / "loss.png")
+
+
+def _save_png(fig, target: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     tmp = target.with_name(".loss.tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
