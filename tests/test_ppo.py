@@ -42,15 +42,15 @@ def rows(out):
 def test_ppo_raises_rule_reward_with_bounded_kl(peaked_model_dir, tmp_path):
     out = tmp_path / "ppo"
     code = main(["ppo", f"model={peaked_model_dir}", f"data={prompts(tmp_path)}", f"output_dir={out}",
-                 "reward_fn=ppo_rewards:de_share", "dtype=fp32", "max_steps=30", "learning_rate=5e-3",
-                 "init_kl_coef=0.2", "kl_target=4", "kl_horizon=200", "batch_size=16", "mini_batch_size=8",
-                 "max_new_tokens=16", "logging_steps=1", "save_steps=100", "eval_fraction=0.25", "eval_samples=16"])
+                 "reward_fn=ppo_rewards:common_share", "dtype=fp32", "max_steps=30", "learning_rate=1e-3",
+                 "ppo_epochs=4", "init_kl_coef=0.1", "kl_target=6", "kl_horizon=100", "batch_size=16",
+                 "mini_batch_size=8", "max_new_tokens=16", "logging_steps=1", "save_steps=100", "eval_fraction=0.25",
+                 "eval_samples=16", "lora.target_modules=all-linear"])
     assert code == 0
     train = [r for r in rows(out) if "reward" in r]
-    first, last = train[:5], train[-5:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
-    assert mean(last, "reward") > 2 * mean(first, "reward") + 0.01, train
-    assert max(r["kl"] for r in train) < 25, [r["kl"] for r in train]
+    assert mean(train[-5:], "reward") > 1.2 * mean(train[:5], "reward"), [r["reward"] for r in train]
+    assert max(r["kl"] for r in train) < 12, [r["kl"] for r in train]  # the adaptive controller holds KL near 6
     run = json.loads((out / "run.json").read_text())
     evals = [r["eval_reward"] for r in rows(out) if "eval_reward" in r]
     assert run["held_out_reward"] == pytest.approx(evals[-1], abs=1e-4) and evals[-1] > evals[0]
@@ -117,13 +117,15 @@ def test_ppo_with_reward_and_sft_adapters(tiny_model_dir, tmp_path):
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(sft)
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "评价", "output": "很好"}] * 4)
     out = tmp_path / "ppo"
     assert main(["ppo", f"model={tiny_model_dir}", f"data={prompts(tmp_path, 8)}", f"output_dir={out}",
                  f"reward_adapter={rm}", f"sft_adapter={sft}", "dtype=fp32", "max_steps=2", "batch_size=4",
-                 "mini_batch_size=4", "max_new_tokens=6", "logging_steps=1", "save_steps=10", "ppo_epochs=1"]) == 0
+                 "mini_batch_size=4", "max_new_tokens=6", "logging_steps=1", "save_steps=10", "ppo_epochs=1",
+                 f"ptx_data={sft_data}", "ptx_coef=0.5"]) == 0
     train = [r for r in rows(out) if "kl" in r]
     assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # actor == frozen SFT reference before the first update
-    assert all(isinstance(r["reward"], float) for r in train)
+    assert all(isinstance(r["reward"], float) and r["ptx_loss"] > 0 for r in train)  # PPO-ptx mixed in
     saved = load_file(out / "adapter_model.safetensors")
     assert any("q_proj" in k for k in saved) and not any("score" in k for k in saved)
 

@@ -308,6 +308,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         r, k, samples["before"] = evaluate(roles, cfg, tokenizer, template, reward_fn, held, cfg.seed)
         log({"step": 0, "eval_reward": round(r, 6), "eval_kl": round(k, 6)})
         print(f"lorakit ppo: held-out mean reward before {r:.4f}", flush=True)
+        if is_main_process():  # written now so a resumed run still shows the samples from before training
+            write_text(out / "samples.jsonl", "".join(json.dumps({"when": "before", **s}, ensure_ascii=False) + "\n"
+                                                      for s in samples["before"]))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True,
@@ -337,11 +340,12 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         info.update(held_out_reward=round(r, 4), held_out_kl=round(k, 4))
         print(f"lorakit ppo: held-out mean reward after {r:.4f} (KL to reference {k:.3f})", flush=True)
         if is_main_process():
-            write_text(out / "samples.jsonl", "".join(json.dumps({"when": w, **s}, ensure_ascii=False) + "\n"
-                                                      for w, rows in samples.items() for s in rows))
+            before = (out / "samples.jsonl").read_text(encoding="utf-8") if (out / "samples.jsonl").is_file() else ""
+            write_text(out / "samples.jsonl", before + "".join(json.dumps({"when": "after", **s}, ensure_ascii=False)
+                                                               + "\n" for s in samples["after"]))
     if is_main_process():
         roles.save(out)
-        plot_metrics(out, PLOT_KEYS)
+        plot_metrics(out, PLOT_KEYS, panels=True)
     return save_run(out, _NoSave(), tokenizer, cfg, "ppo", base, **info)
 
 
