@@ -102,6 +102,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into head & co.
         return 0
+    except OSError as e:  # full disk, vanished or unwritable paths: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lorakit {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lorakit {cmd.name}: interrupted", file=sys.stderr)
         return 130

@@ -273,6 +273,30 @@ def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, d
     if adapter:
         from peft import PeftModel
 
+        check_adapter_fits(adapter, net)
         net = PeftModel.from_pretrained(net, adapter)
     net.eval()
     return net, tokenizer, template
+
+
+def signature(config) -> dict:
+    """What an adapter needs of its base: recorded in run.json, checked before an adapter is applied."""
+    return {"architectures": list(getattr(config, "architectures", None) or []),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "vocab_size": getattr(config, "vocab_size", None)}
+
+
+def check_adapter_fits(adapter: str, model) -> None:
+    """Refuse an adapter trained on another base (architecture, hidden size, layers, vocab size), saying how to fix."""
+    from .outputs import read_run
+
+    want = read_run(Path(adapter)).get("base_signature")
+    if not want:
+        return
+    have = signature(getattr(model, "config", model))
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if want.get(key) and have.get(key) and want[key] != have[key]:
+            raise LorakitError(f"{adapter}: adapter was trained on a base with {key}={want[key]}, but this model has "
+                               f"{key}={have[key]}; pass the base it was trained on (run.json base_model: "
+                               f"{read_run(Path(adapter)).get('base_model')})")

@@ -32,6 +32,7 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
     out = Path(cfg.output_dir)
+    probe_writable(out)
     ckpt = newest_checkpoint(out)
     if cfg.resume:
         if is_finished(out) and not cfg.force:
@@ -53,6 +54,22 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return out, None
+
+
+def probe_writable(out: Path) -> None:
+    """Fail now, not after hours of training, if `out` cannot be written; leave no directory behind."""
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LorakitError(f"{out}: output_dir is not writable ({e.strerror})") from None
+    finally:
+        for p in created:  # deepest first
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
 
 
 def newest_checkpoint(out: Path) -> Optional[str]:
@@ -108,7 +125,8 @@ def training_arguments(cfg, out: Path, dtype: torch.dtype, args_class=None, **ex
         save_strategy="steps", save_total_limit=2, remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_workers, include_num_input_tokens_seen="non_padding",
         disable_tqdm=False, use_cpu=device() == "cpu", ddp_backend="gloo" if device() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        ddp_find_unused_parameters=False, **precision_flags(dtype))
+        ddp_find_unused_parameters=False, logging_nan_inf_filter=False,  # NaN must reach MetricsCallback
+        **precision_flags(dtype))
     kw.update(extra)
     if kw["report_to"] != "none":  # tensorboard logs go beside the run, not inside checkpoints/
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
@@ -264,5 +282,9 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, **in
         tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))
     plot_metrics(out)
+    from .models import signature
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    info.setdefault("base_signature", signature(base.config))
     write_json(out / "run.json", run_info(stage, base_model, seed=cfg.seed, **info))
     return out
