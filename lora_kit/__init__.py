@@ -1,0 +1,5 @@
+"""lorakit: adapt open LLaMA-family models to Chinese with LoRA/QLoRA (vocabulary, pretraining, SFT, alignment, export)."""
+import logging
+
+# bitsandbytes 0.50 warns at import that an optional CPU kernel package is missing; its CPU NF4 path works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
