@@ -148,7 +148,7 @@ def quantization_config(quantization: str, dtype: torch.dtype, skip_modules: Opt
 
 
 def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", trust_remote_code: bool = False,
-               model_class=None, **kwargs):
+               model_class=None, allow_pickle: bool = False, **kwargs):
     """Load a causal LM (or `model_class`) from safetensors only, frozen base weights in the compute dtype.
 
     With quantization the embeddings and lm_head stay unquantized (so a resized vocabulary works with QLoRA).
@@ -158,14 +158,16 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
     model_class = model_class or AutoModelForCausalLM
     cdtype = compute_dtype(dtype)
     qconf = quantization_config(quantization, cdtype, skip_modules=["lm_head", "score", "v_head"])
-    load_kw = dict(dtype=cdtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    load_kw = dict(dtype=cdtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle, **kwargs)
     if qconf is not None:
         load_kw["quantization_config"] = qconf
         load_kw["device_map"] = {"": 0} if device() == "cuda" else {"": "cpu"}
     try:
         model = model_class.from_pretrained(path, **load_kw)
     except OSError as e:
-        raise LorakitError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+        hint = ("; it holds pickle weights only: convert them to safetensors, or pass allow_pickle=true if you trust "
+                "the file" if not allow_pickle and Path(path).is_dir() and any(Path(path).glob("*.bin")) else "")
+        raise LorakitError(f"{path}: cannot load model ({str(e).splitlines()[0]}){hint}") from None
     if device() != "cpu" and qconf is None and "device_map" not in kwargs:
         model.to(device())
     return model

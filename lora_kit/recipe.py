@@ -47,6 +47,7 @@ class ModelArgs:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto picks bf16/fp16/fp32 from the hardware")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = arg(False, "run model code shipped with the checkpoint (off unless you trust it)")
+    allow_pickle: bool = arg(False, "also load pickle (.bin) weights; safetensors only by default")
     template: str = arg("auto", "prompt template: auto uses the tokenizer's chat template, else a registry name")
 
 

@@ -108,3 +108,17 @@ def test_random_bytes_in_a_data_file_never_traceback(tmp_path_factory, blob):
         conversations(recs)
     except LorakitError as e:
         assert "d.jsonl" in str(e)
+
+
+def test_pickle_weights_refused_unless_allowed(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tmp_path / "pickled"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    net.config.save_pretrained(model)
+    torch.save(net.state_dict(), model / "pytorch_model.bin")
+    assert main(sft(model, tmp_path / "o")) == 2
+    assert "pickle weights only" in capsys.readouterr().err
+    assert main(sft(model, tmp_path / "o", "allow_pickle=true")) == 0

@@ -100,7 +100,8 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
           + (f"; packed into {stats.extra['rows']} rows ({stats.extra['fill']:.1%} full)" if cfg.packing else ""))
 
     dtype = compute_dtype(cfg.dtype)
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle=cfg.allow_pickle)
     check_vocab(model, tokenizer, base)
     model.config.use_cache = False  # training needs no KV cache (and a cache disables packed-sequence masking)
     new_ids = read_run(Path(base)).get("new_token_ids", []) if Path(base).is_dir() else []
