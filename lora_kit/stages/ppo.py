@@ -219,15 +219,6 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
     return int(meta["global_step"])
 
 
-def trim_metrics(out: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        keep = [l for l in rows if json.loads(l).get("step", 0) <= step]
-        path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def _ptx_batches(cfg, tokenizer, template):
     from ..data import Collator, conversations, read_records, tokenize_conversations
@@ -293,7 +284,6 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     step = 0
     if ckpt:
         step = load_checkpoint(Path(ckpt), roles, opt, sched, kl_ctl, moments)
-        trim_metrics(out, step)
         print(f"lorakit ppo: resumed from {ckpt} at step {step}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
@@ -346,11 +336,18 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if is_main_process():
         roles.save(out)
         plot_metrics(out, PLOT_KEYS, panels=True)
-    return save_run(out, _NoSave(), tokenizer, cfg, "ppo", base, **info)
+    return save_run(out, _Saved(roles.model), tokenizer, cfg, "ppo", base, **info)
 
 
-class _NoSave:
-    """save_run writes the model; the actor adapter is already at the root (Roles.save)."""
+class _Saved:
+    """The PeftModel for save_run, whose weights Roles.save already wrote (save_pretrained would also write the
+    reference and reward adapters)."""
+
+    def __init__(self, model):
+        self.model = model
 
     def save_pretrained(self, *a, **kw):
         pass
+
+    def get_base_model(self):
+        return self.model.get_base_model()
