@@ -65,7 +65,10 @@ def main() -> int:
     overrides = [f"model={ext}", f"data={train}", f"eval_data={ev}", f"output_dir={out}",
                  f"eval_max_docs={a.max_eval_docs}", *a.overrides]
     block = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("block_size=")), "256")
-    result = {"base": base_bpc(ev, a.max_eval_docs, int(block))}
+    cache = a.work / f"base_bpc_{a.max_eval_docs}_{block}.json"  # the base model's score never changes: compute once
+    if not cache.is_file():
+        cache.write_text(json.dumps(base_bpc(ev, a.max_eval_docs, int(block))))
+    result = {"base": json.loads(cache.read_text())}
     print("base SmolLM2-135M:", result["base"], flush=True)
     t0 = time.time()
     subprocess.run(["lorakit", "pretrain", "--recipe", "zh_pretrain", *overrides], check=True)

@@ -60,11 +60,11 @@ def score_documents(model, tokenizer, texts: list[str], block_size: int = 512, b
             for i, (inp, _) in enumerate(batch):
                 ids[i, :len(inp)] = torch.tensor(inp)
                 mask[i, :len(inp)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            scored = mask[:, 1:].to(device).bool()
-            score.nats += float(nll[scored].double().sum())
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            scored = mask[:, 1:].to(device).bool()  # padding never reaches the (fp32) softmax
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), ids[:, 1:].to(device)[scored],
+                                                    reduction="none")
+            score.nats += float(nll.double().sum())
             score.tokens += int(scored.sum())
     finally:
         model.train(was_training)
