@@ -43,7 +43,8 @@ class Lora:
     embedding: bool = False  # saved as lora_embedding_A/B
 
     def delta(self) -> torch.Tensor:
-        d = (self.B.double() @ self.A.double() * self.scale).float()
+        d = self.B.float() @ self.A.float()
+        d.mul_(self.scale)
         return d.T if self.transpose else d
 
 
@@ -78,7 +79,7 @@ class Adapter:
             if d.shape != w.shape:
                 raise LorakitError(f"{self.path}: LoRA for {key} has shape {tuple(d.shape)}, the base weight "
                                    f"{tuple(w.shape)}: the adapter was trained on another model")
-            w = w + d
+            w = w.add_(d) if w.dtype == torch.float32 and w.is_contiguous() else w.float() + d
         return w
 
 
@@ -222,6 +223,7 @@ class Checkpoint:
             raise LorakitError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
                                "(lorakit reads safetensors only)")
         self._name, self._handle = None, None
+        self._headers: dict[str, tuple[int, dict]] = {}
         self.keys: list[str] = []
         self.file_of: dict[str, str] = {}
         for fname in self.shard_files():
@@ -246,7 +248,23 @@ class Checkpoint:
         self._handle, self._name = None, None  # dropping the handle unmaps the file
 
     def get(self, key: str) -> torch.Tensor:
-        return self._open(self.file_of[key]).get_tensor(key)
+        """One tensor read with plain file reads into memory of its own: a memory-mapped read (safe_open's
+        get_tensor) leaves the touched file pages resident beside the copy, doubling the peak for big tensors."""
+        fname = self.file_of[key]
+        if fname not in self._headers:
+            with open(self.path / fname, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                self._headers[fname] = (8 + n, json.loads(f.read(n)))
+        start, header = self._headers[fname]
+        info = header[key]
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype={v: k for k, v in ST_DTYPES.items()}[info["dtype"]])
+        buf = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+        with open(self.path / fname, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buf) != end - begin:
+                raise LorakitError(f"{self.path / fname}: truncated while reading {key}")
+        return t
 
     def meta(self, key: str) -> tuple[list[int], torch.dtype]:
         sl = self._open(self.file_of[key]).get_slice(key)

@@ -56,7 +56,7 @@ def main(args) -> int:
         work = tmp if args.format == "hf" else Path(tempfile.mkdtemp(prefix=".merge-hf-", dir=tmp.parent))
         try:
             tok, config = write_merged(ckpt, loaded, work, dtype, parse_size(args.shard_size), task, adapters)
-            result = verify(base, adapters, work, task, dtype, tok)
+            result = verify(base, adapters, work, task, dtype, tok, loaded)
             info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
                         task_type=task, verification=result)
             if args.format == "gguf":
@@ -114,7 +114,7 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
     bar = tqdm(total=sum(tensor_nbytes(s, d) for _, s, d in plan), unit="B", unit_scale=True, desc="merge")
 
     def produce(key):
-        w = full[key] if source[key] is None else ckpt.get(source[key])
+        w = full[key].clone() if source[key] is None else ckpt.get(source[key])
         if key in touched:
             w = w.float()
             for a in adapters:
@@ -158,19 +158,24 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
     return tok, config
 
 
-def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok) -> dict:
+def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok,
+           loaded: list[Adapter]) -> dict:
     """Logits of the merged model against base + adapters (PEFT, unmerged) on a probe batch; fails outside tolerance."""
     from .verify import compare, model_logits, probe_batch, reference_logits
 
     rows = json.loads((merged / "config.json").read_text())["vocab_size"]
     ids = probe_batch(tok, rows, new_token_ids(adapters))
     pad = tok.pad_token_id
-    ref, bare = reference_logits(base, adapters, task, ids, pad)
-    out = model_logits(merged, task, ids, pad)
+    # computed in the output dtype: an fp32 copy of a bf16 model's embedding and head would dominate peak memory
+    ref, bare = reference_logits(base, adapters, task, ids, pad, earlier=loaded[:-1], dtype=dtype)
+    out = model_logits(merged, task, ids, pad, dtype=dtype)
     res = compare(ref, bare, out, dtype)
     print(f"lorakit merge: verification on {tuple(ids.shape)} probe tokens: max |merged - (base + adapters)| = "
-          f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}; the adapters move logits by up to "
+          f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}; the last adapter moves logits by up to "
           f"{res['adapter_effect']:.3g})")
+    if res["adapter_effect"] <= res["tolerance"]:
+        print("lorakit merge: warning: the adapter changes logits less than the tolerance, so this check cannot tell "
+              "a correct merge from a missing one; merge with --dtype fp32 for an exact check")
     if not res["ok"]:
         raise LorakitError(f"verification failed: merged logits differ from base + adapters by {res['max_abs_diff']:.3g}"
                            f" > {res['tolerance']:.3g}; nothing was written")

@@ -31,8 +31,8 @@ def probe_batch(tokenizer, rows: int, new_ids: list[int], length: int = 32) -> t
 class LazyWeights:
     """Materialise each block's parameters from the checkpoint just before it runs and drop them right after."""
 
-    def __init__(self, model, ckpt: Checkpoint, transform=None):
-        self.ckpt, self.transform = ckpt, transform
+    def __init__(self, model, ckpt: Checkpoint, transform=None, dtype=torch.float32):
+        self.ckpt, self.transform, self.dtype = ckpt, transform, dtype
         key_of_param: dict[int, str] = {}
         owners = []
         for mname, module in model.named_modules(remove_duplicate=False):
@@ -74,25 +74,24 @@ class LazyWeights:
     def _load(self, slots):
         for _, module, pname, key, shape in slots:
             if key is not None:
-                w = self.ckpt.get(key).float()
-                w = self.transform(key, w) if self.transform else w
-                module._parameters[pname] = torch.nn.Parameter(w, requires_grad=False)
+                w = self.ckpt.get(key)
+                w = self.transform(key, w.float()) if self.transform else w
+                module._parameters[pname] = torch.nn.Parameter(w.to(self.dtype), requires_grad=False)
         self.ckpt.close()
 
-    @staticmethod
-    def _drop(slots):
+    def _drop(self, slots):
         for _, module, pname, key, shape in slots:
             # NaN where no checkpoint tensor backs the weight: if such a weight is ever used, the check fails
             fill = 0.0 if key is not None else float("nan")
-            placeholder = torch.full((), fill, dtype=torch.float32).expand(shape)
+            placeholder = torch.full((), fill, dtype=self.dtype).expand(shape)
             module._parameters[pname] = torch.nn.Parameter(placeholder, requires_grad=False)
 
 
-def _empty_model(config, model_class):
+def _empty_model(config, model_class, dtype=torch.float32):
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed, not stored
-        model = model_class.from_config(config, dtype=torch.float32)
+        model = model_class.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -115,21 +114,22 @@ def model_class_for(task_type: str):
 
 
 @torch.no_grad()
-def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torch.Tensor, pad_id=None, earlier=()):
+def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torch.Tensor, pad_id=None, earlier=(),
+                     dtype=torch.float32):
     """(logits of base + adapters, logits without the last adapter), the last adapter run by PEFT over block-loaded
     base weights. Earlier adapters of a chain (`earlier`, read with `read_adapter`) are folded into the loaded weights:
     PEFT cannot stack adapters whose token rows or saved modules differ (a KeyError in `load_adapter`)."""
     from peft import PeftModel
 
     ckpt = Checkpoint(base)
-    model = _empty_model(_config(base, task_type, pad_id), model_class_for(task_type))
+    model = _empty_model(_config(base, task_type, pad_id), model_class_for(task_type), dtype)
 
     def fold(key, w):
         for a in earlier:
             w = a.apply(key, w)
         return w
 
-    lazy = LazyWeights(model, ckpt, fold if earlier else None)
+    lazy = LazyWeights(model, ckpt, fold if earlier else None, dtype)
     peft_model = PeftModel.from_pretrained(model, str(adapters[-1]), low_cpu_mem_usage=True)
     lazy.attach(peft_model.base_model.model)
     ref = peft_model(input_ids=ids).logits.float()
@@ -139,10 +139,10 @@ def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torc
 
 
 @torch.no_grad()
-def model_logits(path: Path, task_type: str, ids: torch.Tensor, pad_id=None) -> torch.Tensor:
+def model_logits(path: Path, task_type: str, ids: torch.Tensor, pad_id=None, dtype=torch.float32) -> torch.Tensor:
     ckpt = Checkpoint(path)
-    model = _empty_model(_config(path, task_type, pad_id), model_class_for(task_type))
-    LazyWeights(model, ckpt).attach(model)
+    model = _empty_model(_config(path, task_type, pad_id), model_class_for(task_type), dtype)
+    LazyWeights(model, ckpt, dtype=dtype).attach(model)
     return model(input_ids=ids).logits.float()
 
 
@@ -153,5 +153,5 @@ def compare(ref: torch.Tensor, bare: torch.Tensor, out: torch.Tensor, dtype: tor
     diff = float((out - ref).abs().max())
     scale = max(1.0, float(ref.abs().max()))
     tol = TOLERANCE.get(dtype, 1e-4) * scale
-    return {"max_abs_diff": diff, "tolerance": tol, "adapter_effect": float((ref - bare).abs().max()),
+    return {"max_abs_diff": diff, "tolerance": tol, "dtype": str(dtype)[6:], "adapter_effect": float((ref - bare).abs().max()),
             "ok": diff <= tol and bool(torch.isfinite(out).all() and torch.isfinite(ref).all())}
