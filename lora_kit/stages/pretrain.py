@@ -126,7 +126,8 @@ def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
     from ..models import attach_lora, attach_token_rows, check_vocab, load_model, token_row_targets
 
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle=cfg.allow_pickle)
     check_vocab(model, tokenizer, base)
     rows = phase_rows(cfg, n, new_ids, model.get_input_embeddings().weight.shape[0], base)
     targets = token_row_targets(model, rows) if rows else None
