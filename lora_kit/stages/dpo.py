@@ -34,6 +34,14 @@ def render_pairs(groups, tokenizer, template) -> list[dict]:
     return rows
 
 
+def final_eval(trainer, key: str) -> dict:
+    """The evaluation at the last step if the trainer just ran one (eval_steps divides max_steps), else a new one."""
+    done = [h for h in trainer.state.log_history if key in h]
+    if done and done[-1].get("step") == trainer.state.global_step:
+        return done[-1]
+    return trainer.evaluate()  # logged to metrics.jsonl by the callback as well
+
+
 def run(cfg: Config, dry_run: bool = False) -> Path:
     import datasets
     from peft import LoraConfig
@@ -88,7 +96,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     trainer.train(resume_from_checkpoint=ckpt)
     info = {"pairs": len(train), "held_out_pairs": len(held)}
     if held:
-        metrics = trainer.evaluate()
+        metrics = final_eval(trainer, "eval_rewards/margins")
         info["held_out_margin"] = round(metrics.get("eval_rewards/margins", float("nan")), 4)
         info["held_out_accuracy"] = round(metrics.get("eval_rewards/accuracies", float("nan")), 4)
         print(f"lorakit dpo: held-out reward margin {info['held_out_margin']:.3f}, "

@@ -51,6 +51,14 @@ def load_reward_model(base: str, cfg, tokenizer):
     return model
 
 
+def final_eval(trainer, key: str) -> dict:
+    """The evaluation at the last step if the trainer just ran one (eval_steps divides max_steps), else a new one."""
+    done = [h for h in trainer.state.log_history if key in h]
+    if done and done[-1].get("step") == trainer.state.global_step:
+        return done[-1]
+    return trainer.evaluate()  # logged to metrics.jsonl by the callback as well
+
+
 def run(cfg: Config, dry_run: bool = False) -> Path:
     import datasets
     from transformers import set_seed
@@ -98,7 +106,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     trainer.train(resume_from_checkpoint=ckpt)
     info = {"pairs": len(train), "held_out_pairs": len(held)}
     if held:
-        accuracy = trainer.evaluate()["eval_accuracy"]  # logged to metrics.jsonl by the callback as well
+        accuracy = final_eval(trainer, "eval_accuracy")["eval_accuracy"]
         info["held_out_accuracy"] = round(accuracy, 4)
         if is_main_process():
             print(f"lorakit rm: held-out pairwise accuracy {accuracy:.3f} on {len(held)} pairs", flush=True)
