@@ -33,6 +33,31 @@ def parse_size(text: str) -> int:
     return max(1, int(float(m.group(1)) * mult))
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def bound_allocator() -> None:
+    """glibc keeps freed tensor memory for reuse (measured: a verified 1.5 GB merge held 1.9 GB RSS, 0.5 GB once
+    trimmed). A fixed mmap threshold returns every block over 4 MB to the OS on free. No-op without glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it dynamically
+
+
+def release_memory() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 # ---------------------------------------------------------------------------------------------------- adapters
 @dataclass
 class Lora:

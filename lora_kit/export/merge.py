@@ -14,8 +14,8 @@ import torch
 
 from ..errors import LorakitError
 from ..outputs import atomic_dir, run_info, write_json
-from .common import (DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, find_base, new_token_ids, parse_size,
-                     read_adapter, tensor_nbytes, write_safetensors_stream)
+from .common import (DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, bound_allocator, find_base, new_token_ids,
+                     parse_size, read_adapter, release_memory, tensor_nbytes, write_safetensors_stream)
 
 
 def add_arguments(p) -> None:
@@ -37,6 +37,7 @@ def check_output(path: Path, force: bool) -> None:
 def main(args) -> int:
     out = Path(args.output)
     check_output(out, args.force)
+    bound_allocator()
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:
         if not (a / "adapter_config.json").is_file():
@@ -131,6 +132,7 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
     for name, items in zip(names, shards):
         write_safetensors_stream(dst / name, items, produce)
         ckpt.close()
+        release_memory()
         weight_map.update({k: name for k, _, _ in items})
     bar.close()
     if len(shards) > 1:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..errors import LorakitError
-from .common import Checkpoint
+from .common import Checkpoint, release_memory
 
 PROBE_TEXT = "今天天气很好，我们去公园散步吧。大语言模型的中文能力来自词表扩充和继续预训练。The quick brown fox, 2024."
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # × max(1, max |logit|)
@@ -69,7 +69,7 @@ class LazyWeights:
             slots = [s for s in self.slots if s[0] == path or s[0].startswith(path + ".")]
             target = model.get_submodule(path)
             target.register_forward_pre_hook(lambda mod, args, slots=slots: self._load(slots))
-            target.register_forward_hook(lambda mod, args, out, slots=slots: self._drop(slots))
+            target.register_forward_hook(lambda mod, args, out, slots=slots: self._drop(slots, trim=True))
 
     def _load(self, slots):
         for _, module, pname, key, shape in slots:
@@ -79,12 +79,14 @@ class LazyWeights:
                 module._parameters[pname] = torch.nn.Parameter(w.to(self.dtype), requires_grad=False)
         self.ckpt.close()
 
-    def _drop(self, slots):
+    def _drop(self, slots, trim=False):
         for _, module, pname, key, shape in slots:
             # NaN where no checkpoint tensor backs the weight: if such a weight is ever used, the check fails
             fill = 0.0 if key is not None else float("nan")
             placeholder = torch.full((), fill, dtype=self.dtype).expand(shape)
             module._parameters[pname] = torch.nn.Parameter(placeholder, requires_grad=False)
+        if trim:
+            release_memory()
 
 
 def _empty_model(config, model_class, dtype=torch.float32):
