@@ -161,15 +161,17 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
     load_kw = dict(dtype=cdtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle, **kwargs)
     if qconf is not None:
         load_kw["quantization_config"] = qconf
-        load_kw["device_map"] = {"": 0} if device() == "cuda" else {"": "cpu"}
+        # each process's own GPU (torchrun/accelerate set LOCAL_RANK); GPU 0 would hold every rank's copy
+        load_kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if device() == "cuda" else {"": "cpu"}
     try:
         model = model_class.from_pretrained(path, **load_kw)
     except OSError as e:
         hint = ("; it holds pickle weights only: convert them to safetensors, or pass allow_pickle=true if you trust "
                 "the file" if not allow_pickle and Path(path).is_dir() and any(Path(path).glob("*.bin")) else "")
         raise LorakitError(f"{path}: cannot load model ({str(e).splitlines()[0]}){hint}") from None
-    if device() != "cpu" and qconf is None and "device_map" not in kwargs:
-        model.to(device())
+    engine_places = sharded_by_fsdp() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    if device() != "cpu" and qconf is None and "device_map" not in kwargs and not engine_places:
+        model.to(device())  # (DeepSpeed/FSDP shard the CPU copy onto the GPUs themselves: a whole 65B would not fit)
     return model
 
 
@@ -181,6 +183,13 @@ def check_vocab(model, tokenizer, where: str = "model") -> None:
                            "use the model directory written by `lorakit extend-vocab`, which holds both")
 
 
+def sharded_by_fsdp() -> bool:
+    """Launched with an accelerate FSDP config. FSDP shards each layer's parameters as one dtype, so QLoRA's 4-bit
+    weights are stored as the compute dtype (quantization_config) and the norms/embeddings must not be upcast to fp32
+    as prepare_model_for_kbit_training does (TRL skips it for sharded QLoRA too)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | dict[str, list[int]]] = None,
                 modules_to_save: Optional[list[str]] = None, task_type: str = "CAUSAL_LM",
                 gradient_checkpointing: bool = False):
@@ -189,9 +198,10 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
     `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
+    if quantized and not sharded_by_fsdp():
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    elif gradient_checkpointing:  # (FSDP + QLoRA: no fp32 upcast, see sharded_by_fsdp)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = lora.target_modules
