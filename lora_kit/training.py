@@ -32,7 +32,8 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
     out = Path(cfg.output_dir)
-    probe_writable(out)
+    if is_main_process():  # other ranks write nothing; concurrent probes could remove each other's new directory
+        probe_writable(out)
     ckpt = newest_checkpoint(out)
     if cfg.resume:
         if is_finished(out) and not cfg.force:
@@ -47,7 +48,7 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
     if ckpt is not None and not cfg.force:
         raise LorakitError(f"{out}: holds checkpoints of an unfinished run; pass resume=true to continue it "
                            "or force=true to start over")
-    if cfg.force and out.exists():
+    if cfg.force and out.exists() and is_main_process():  # DDP's first broadcast waits for rank 0 to get past this
         import shutil
 
         for name in (CHECKPOINTS, "metrics.jsonl", "run.json"):
@@ -209,6 +210,14 @@ class ProgressCallback(TrainerCallback):
             self.bar.close()
 
 
+def final_eval(trainer, key: str) -> dict:
+    """The evaluation at the last step if the trainer just ran one (eval_steps divides max_steps), else a new one."""
+    done = [h for h in trainer.state.log_history if key in h]
+    if done and done[-1].get("step") == trainer.state.global_step:
+        return done[-1]
+    return trainer.evaluate()  # logged to metrics.jsonl by the callback as well
+
+
 def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str = "train") -> MetricsCallback:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
 
@@ -270,14 +279,26 @@ def _save_png(fig, target: Path) -> Path:
     return target
 
 
-def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, **info) -> Path:
-    """Final artifacts at the root of output_dir; run.json last, so it marks a complete run."""
+def wait_for_everyone() -> None:
+    """Across processes: block until every rank gets here (no-op in one process), e.g. until rank 0 has written files
+    the others read next."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trainer=None, **info) -> Path:
+    """Final artifacts at the root of output_dir; run.json last, so it marks a complete run. Rank 0 writes, the others
+    wait until it has. Pass `trainer` under DeepSpeed ZeRO-3 or FSDP: every rank then gathers the sharded weights."""
     from .recipe import dump_yaml
 
+    state_dict = sharded_state_dict(trainer)
     if not is_main_process():
+        wait_for_everyone()
         return out
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))
@@ -287,4 +308,16 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, **in
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     info.setdefault("base_signature", signature(base.config))
     write_json(out / "run.json", run_info(stage, base_model, seed=cfg.seed, **info))
+    wait_for_everyone()
     return out
+
+
+def sharded_state_dict(trainer) -> Optional[dict]:
+    """The full state dict, gathered on every rank, when the trainer's engine shards parameters (DeepSpeed ZeRO-3,
+    FSDP); None otherwise (each rank then holds the whole model and rank 0 saves it directly)."""
+    if trainer is None:
+        return None
+    ds = getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not ds and not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped if ds else trainer.model)

@@ -34,14 +34,6 @@ def render_pairs(groups, tokenizer, template) -> list[dict]:
     return rows
 
 
-def final_eval(trainer, key: str) -> dict:
-    """The evaluation at the last step if the trainer just ran one (eval_steps divides max_steps), else a new one."""
-    done = [h for h in trainer.state.log_history if key in h]
-    if done and done[-1].get("step") == trainer.state.global_step:
-        return done[-1]
-    return trainer.evaluate()  # logged to metrics.jsonl by the callback as well
-
-
 def run(cfg: Config, dry_run: bool = False) -> Path:
     import datasets
     from peft import LoraConfig
@@ -51,7 +43,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from ..models import check_vocab, compute_dtype, load_model, load_tokenizer, resolve_model
     from ..pairs import read_pairs
     from ..templates import resolve
-    from ..training import install_callbacks, prepare_output, save_run, training_arguments
+    from ..training import final_eval, install_callbacks, prepare_output, save_run, training_arguments
 
     out, ckpt = prepare_output(cfg)
     base = resolve_model(cfg.model)

@@ -128,5 +128,5 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if job is None:
         return Path(cfg.output_dir)
     job.trainer.train(resume_from_checkpoint=job.checkpoint)
-    return save_run(job.out, job.model, job.tokenizer, cfg, "sft", job.base, new_token_ids=job.new_ids,
-                    data_stats=vars(job.stats))
+    return save_run(job.out, job.model, job.tokenizer, cfg, "sft", job.base, trainer=job.trainer,
+                    new_token_ids=job.new_ids, data_stats=vars(job.stats))
