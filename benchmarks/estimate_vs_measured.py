@@ -3,7 +3,7 @@ stages do (lora_kit.models), takes AdamW steps, and reads its resident set size 
 
   weights           RSS growth from loading the model (+ attaching LoRA)
   training state    RSS growth from one tiny step (1 x 8 tokens): gradients + AdamW states
-  activations       peak RSS (ru_maxrss) growth during one forward+backward of batch x seq_len tokens
+  activations       peak RSS (VmHWM, reset first) growth during one forward+backward of batch x seq_len tokens
 
 glibc's malloc is told to return every block >= 64 KiB to the system (MALLOC_MMAP_THRESHOLD_) so that freed tensors do
 not stay in the RSS. Run: flock /tmp/lorakit-heavy.lock python benchmarks/estimate_vs_measured.py [--model smollm2-135m]
@@ -32,9 +32,17 @@ def rss() -> int:
 
 
 def peak() -> int:
-    import resource
+    """The process's peak RSS since the last reset_peak() (Linux VmHWM)."""
+    import re
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def reset_peak() -> None:
+    """Restart the peak at the current RSS, so transients of loading or of AdamW's first step do not hide it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def warm_up(model_dir: str, method: str, dtype: str) -> None:
@@ -99,10 +107,10 @@ def measure(model_dir: str, case: str) -> dict:
 
     step(1, 8, update=True)  # allocates gradients and AdamW states; they stay (no zero_grad)
     r2 = rss()
-    p2 = peak()
+    reset_peak()
     step(batch, seq, update=False)  # gradients accumulate into the existing buffers
     p3 = peak()
-    return {"weights": r1 - r0, "state": r2 - r1, "activations": max(p3 - max(p2, r2), 0), "rss_base": r0}
+    return {"weights": r1 - r0, "state": r2 - r1, "activations": p3 - r2, "rss_base": r0}
 
 
 def predicted(model_dir: str, case: str) -> dict:

@@ -124,7 +124,7 @@ class Setup:
     batch: int = 1  # micro-batch per device; gradient accumulation adds nothing
     nproc: int = 1
     zero: Optional[int] = None  # DeepSpeed ZeRO stage 2 or 3 (FSDP FULL_SHARD ~ 3, SHARD_GRAD_OP ~ 2)
-    offload: bool = False  # optimizer states (ZeRO-3: parameters too) in CPU RAM
+    offload: bool = False  # gradients + optimizer states (ZeRO-3: parameters too) in CPU RAM
     lora_r: int = 8
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
@@ -208,9 +208,9 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     if zero:
         gradients /= n
         optimizer /= n
-        if setup.offload:
-            cpu += optimizer
-            optimizer = 0.0
+        if setup.offload:  # ZeRO-Offload: the fp32 gradient partitions and optimizer states live in CPU RAM
+            cpu += optimizer + gradients
+            optimizer = gradients = 0.0
     if zero == 3:
         weights /= n
         biggest = sum(a * b for a, b in shape.linears()) + 2 * shape.hidden
