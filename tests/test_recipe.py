@@ -23,7 +23,7 @@ def test_required_keys_exist_with_their_names():
     cfg = load_config(Config, "alpaca_zh")
     for key in REQUIRED:
         assert hasattr(cfg, key), key
-    assert cfg.quantization == "none" and cfg.learning_rate == 1e-4 and cfg.lora.target_modules == "all-linear"
+    assert cfg.quantization == "none" and cfg.learning_rate == 5e-4 and cfg.lora.target_modules == "all-linear"
 
 
 def test_overrides_are_coerced_to_field_types():
