@@ -11,6 +11,8 @@ from lora_kit.pairs import build_preference_data, read_pairs, read_prompts
 def test_demo_sharegpt_pairs_parse():
     from conftest import SHARED
 
+    if not (SHARED / "dpo_zh_demo.json").is_file():
+        pytest.skip(f"{SHARED / 'dpo_zh_demo.json'} absent")
     groups = read_pairs(str(SHARED / "dpo_zh_demo.json"))
     assert len(groups) == 300 and all(len(g) == 1 for g in groups)
     assert any(g[0].prompt[0]["role"] == "system" for g in groups)
