@@ -203,7 +203,7 @@ def _turns(rec: Record, key: str, role_key: str, content_key: str) -> list[dict]
         if not isinstance(t, dict):
             raise LorakitError(f"{rec.loc(f)} must be an object with '{role_key}' and '{content_key}'")
         role = t.get(role_key)
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise LorakitError(f"{rec.loc(f + '.' + role_key)} has unknown role {role!r} "
                                f"(expected one of {', '.join(sorted(ROLES))})")
         content = t.get(content_key)

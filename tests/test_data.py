@@ -151,3 +151,9 @@ def test_bundled_tasks_rebuild_identically(tmp_path):
     train = {json.loads(l)["input"] for l in (tmp_path / "zh_sentiment_train.jsonl").read_text().splitlines()}
     assert not train & {r["input"] for r in test}  # held-out really is held out
     assert sum(r["output"] == "正面" for r in test) == 100
+
+
+def test_non_string_role_is_a_user_error(tmp_path):
+    f = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": ["user"], "content": "hi"}]}])
+    with pytest.raises(LorakitError, match=r"r.jsonl:1: field 'messages\[0\].role' has unknown role \['user'\]"):
+        conversations(read_records(str(f)))
