@@ -57,6 +57,18 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
     return out, None
 
 
+def open_run(cfg):
+    """What every chat-style stage does first: check output_dir (resume/force), resolve the base model, load its
+    tokenizer and pick the prompt template. Returns (out, checkpoint or None, base, tokenizer, template)."""
+    from .models import load_tokenizer, resolve_model
+    from .templates import resolve
+
+    out, ckpt = prepare_output(cfg)
+    base = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    return out, ckpt, base, tokenizer, resolve(cfg.template, tokenizer)
+
+
 def probe_writable(out: Path) -> None:
     """Fail now, not after hours of training, if `out` cannot be written; leave no directory behind."""
     created = [p for p in [out, *out.parents] if not p.exists()]

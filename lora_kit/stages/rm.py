@@ -57,15 +57,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     from ..data import split_eval
-    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters, load_tokenizer, resolve_model
+    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters
     from ..pairs import read_pairs
-    from ..templates import resolve
-    from ..training import final_eval, install_callbacks, is_main_process, prepare_output, save_run, training_arguments
+    from ..training import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
-    out, ckpt = prepare_output(cfg)
-    base = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    template = resolve(cfg.template, tokenizer)
+    out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
     train, dropped = encode_pairs(train_groups, tokenizer, template, cfg.cutoff_len, cfg.overlong)

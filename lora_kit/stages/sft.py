@@ -84,17 +84,12 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
     from transformers import set_seed
 
     from ..data import Collator
-    from ..models import (attach_lora, check_vocab, compute_dtype, count_parameters, load_model, load_tokenizer,
-                          resolve_model)
+    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters, load_model
     from ..outputs import read_run
-    from ..templates import resolve
-    from ..training import install_callbacks, prepare_output, training_arguments
+    from ..training import install_callbacks, open_run, training_arguments
 
-    out, ckpt = prepare_output(cfg)
+    out, ckpt, base, tokenizer, template = open_run(cfg)
     set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
-    base = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    template = resolve(cfg.template, tokenizer)
     train, held, stats = prepare_data(cfg, tokenizer, template)
     print(f"lorakit sft: {cfg.data}: {stats.line()}"
           + (f"; packed into {stats.extra['rows']} rows ({stats.extra['fill']:.1%} full)" if cfg.packing else ""))
