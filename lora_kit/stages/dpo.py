@@ -89,4 +89,4 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         info["held_out_accuracy"] = round(metrics.get("eval_rewards/accuracies", float("nan")), 4)
         print(f"lorakit dpo: held-out reward margin {info['held_out_margin']:.3f}, "
               f"accuracy {info['held_out_accuracy']:.3f} on {len(held)} pairs", flush=True)
-    return save_run(out, trainer.model, tokenizer, cfg, "dpo", base, **info)
+    return save_run(out, trainer.model, tokenizer, cfg, "dpo", base, trainer=trainer, **info)

@@ -235,7 +235,8 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
     info = dict(new_token_ids=new_ids, phase=n, steps=settings.max_steps, trained_rows=len(rows),
                 eval_before=_strip(before), eval_after=_strip(after), adapter_bytes=_adapter_tensor_bytes(model),
                 **speed)
-    save_run(d, model, tokenizer, cfg, "pretrain", base, **info)
+    save_run(d, model, tokenizer, cfg, "pretrain", base, trainer=trainer if settings.max_steps > start_step else None,
+             **info)
     print(f"lorakit pretrain: phase {n} saved to {d} (adapter {_mb(_file_size(d))}; "
           f"{speed['tokens_per_s'] or 0:.0f} tokens/s)", flush=True)
     return read_run(d)

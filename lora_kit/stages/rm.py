@@ -98,5 +98,5 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         info["held_out_accuracy"] = round(accuracy, 4)
         if is_main_process():
             print(f"lorakit rm: held-out pairwise accuracy {accuracy:.3f} on {len(held)} pairs", flush=True)
-    return save_run(out, model, tokenizer, cfg, "rm", base, **info)
+    return save_run(out, model, tokenizer, cfg, "rm", base, trainer=trainer, **info)
 
