@@ -3,6 +3,10 @@ clipped policy/value losses, masked whitening, running reward statistics and the
 
 Written by hand because TRL 1.16 has no PPO trainer (see FACTS); `stages/ppo.py` drives these on LoRA adapters.
 All tensors are [batch, response_len] with a 0/1 `mask` over real response tokens.
+
+Across processes (torchrun): each rank holds its own rows; every statistic that decides something (whitening, reward
+normalisation, the KL controller's measured KL, loss denominators) is a sum all-reduced over the ranks (`all_sum`, an
+identity in one process), so every rank computes the numbers one process would compute on the whole global batch.
 """
 from __future__ import annotations
 
@@ -12,15 +16,82 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------- processes
+def _group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if _group() else (0, 1)
+
+
+def init_processes() -> tuple[int, int]:
+    """Join the process group under torchrun (WORLD_SIZE > 1) the way the Trainer does for the other stages: accelerate's
+    PartialState, with gloo on CPU (training.training_arguments' ddp_backend). Returns (rank, world size)."""
+    import os
+
+    from .errors import LorakitError
+    from .models import device, sharded_by_fsdp
+
+    if sharded_by_fsdp() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        raise LorakitError("ppo runs data-parallel only (each process holds the whole model); launch it with --nproc "
+                           "or torchrun, without a DeepSpeed or FSDP config")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _group():
+        from accelerate import PartialState
+
+        cpu = device() == "cpu"
+        PartialState(cpu=cpu, backend="gloo" if cpu else None)
+    return world()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the ranks (a detached copy; `x` itself in one process, where it is returned unchanged)."""
+    if not _group():
+        return x
+    import torch.distributed as dist
+
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    y = x.detach().to(comm, copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_gather(obj) -> list:
+    """One picklable object from each rank, in rank order (`[obj]` in one process)."""
+    if not _group():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """Mean of all elements of `x` on all ranks."""
+    s = all_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+    return (s[0] / s[1]).item()
+
+
+# ---------------------------------------------------------------------------------------------------- maths
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, count=None) -> torch.Tensor:
+    """Mean over the masked entries; `count` replaces the local mask sum as denominator (the token count of the whole
+    global batch, so that summing this over the ranks gives the global mean)."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Whiten with the mean and variance of the masked entries of all ranks (two passes, like one process)."""
+    count = all_sum(mask.sum()).clamp(min=1)
+    mean = all_sum((x * mask).sum()) / count
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -63,34 +134,38 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv * mask, returns * mask
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate -> (loss, clip fraction, approx KL(old || new))."""
+def policy_loss(logp, old_logp, advantages, mask, clip_range: float,
+                count=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate -> (loss, clip fraction, approx KL(old || new)); `count` as in masked_mean."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean((logp - old_logp) ** 2, mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count=count)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask, count=count)
+    approx_kl = 0.5 * masked_mean((logp - old_logp) ** 2, mask, count=count)
     return loss, clipfrac.detach(), approx_kl.detach()
 
 
-def value_loss(values, old_values, returns, mask, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(values, old_values, returns, mask, clip_range: float, count=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (the larger of clipped/unclipped squared errors) -> (loss, clip fraction)."""
     clipped_v = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     err, err_clipped = (values - returns) ** 2, (clipped_v - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-    return loss, masked_mean((err_clipped > err).float(), mask).detach()
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask, count=count)
+    return loss, masked_mean((err_clipped > err).float(), mask, count=count).detach()
 
 
 class RunningMoments:
-    """Running mean/std of sequence scores (Chan et al. parallel update) for reward normalisation."""
+    """Running mean/std of sequence scores (Chan et al. parallel update) for reward normalisation; each update takes
+    the scores of all ranks."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
     def update(self, x: torch.Tensor) -> None:
         x = x.double()
-        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
+        n = int(all_sum(torch.tensor(float(x.numel()), dtype=torch.float64)).item())
+        mean = all_sum(x.sum()).item() / n
+        var = all_sum(((x - mean) ** 2).sum()).item() / n
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total

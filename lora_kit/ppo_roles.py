@@ -150,6 +150,34 @@ class Roles:
         self._use("default")
         return self.model.generate(**kw)
 
+    # ------------------------------------------------------------------------------------------------ processes
+    # Not DDP: DDP wraps one module whose forward runs once per backward, while a PPO update runs the shared base twice
+    # (actor adapter, then critic adapter + value head outside the PeftModel) and leaves two more adapters frozen.
+    # What DDP would do for these few tensors is two collectives, done here directly.
+    def broadcast_trainable(self, src: int = 0) -> None:
+        """Start every rank from rank `src`'s actor and critic (they are equal already when seeded alike)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for p in self.trainable:
+                dist.broadcast(p.data, src)
+
+    def all_reduce_grads(self) -> None:
+        """Sum the trainable parameters' gradients over the ranks, in one flat all_reduce. Each rank's loss is
+        already divided by the token count of the whole global batch, so the sum is the global batch's gradient and
+        every rank then takes the identical clipping and AdamW step."""
+        from .ppo_core import all_sum, world
+
+        if world()[1] == 1:
+            return
+        params = self.trainable
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = all_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+
     # ------------------------------------------------------------------------------------------------ saving
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().contiguous() for n, p in self.named_trainable.items()}

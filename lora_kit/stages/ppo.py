@@ -3,6 +3,10 @@
 Written by hand on transformers/peft/torch because TRL 1.16 has no PPO trainer (see FACTS); the maths is ppo_core.py.
 Rollouts sample with the KV cache; checkpoints hold actor, critic, optimizer, KL controller, reward statistics, RNG and
 data position, written atomically, so `resume=true` continues bit-for-bit (fp32).
+
+Under torchrun (`--nproc N`) every rank holds the whole model, rolls out its own `batch_size` prompts of each global
+batch, and the ranks all-reduce gradients and every statistic (ppo_core) so that they take identical steps; rank 0
+writes all files.
 """
 from __future__ import annotations
 
@@ -98,9 +102,10 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
 
 # ---------------------------------------------------------------------------------------------------- one PPO step
 def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, queries, kl_ctl, moments, ptx_batch=None):
-    """Roll out, score, compute advantages, update actor and critic; returns the logged statistics."""
+    """Roll out, score, compute advantages, update actor and critic; returns the logged statistics (over all ranks)."""
     from .. import ppo_core as pc
 
+    world = pc.world()[1]
     b = sample(roles, cfg, tokenizer, queries)
     texts = response_texts(b, tokenizer)
     raw = score(roles, cfg, tokenizer, template, reward_fn, prompts, texts).float()
@@ -118,49 +123,58 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
     adv, returns = pc.gae(rewards, old_values, m, cfg.gamma, cfg.lam)
     adv = pc.masked_whiten(adv, m)
 
-    stats = {"pg_loss": [], "value_loss": [], "clipfrac": [], "vf_clipfrac": [], "entropy": [], "approx_kl": [],
-             "ptx_loss": []}
+    keys = ("pg_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ptx_loss")
+    stats = {k: [] for k in keys}
     n = len(queries)
+    use_ptx = ptx_batch is not None and cfg.ptx_coef > 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n)
         for i in range(0, n, cfg.mini_batch_size):
             idx = order[i:i + cfg.mini_batch_size]
+            count = pc.all_sum(m[idx].sum())  # the mini-batch's response tokens on all ranks: the loss denominator
             mb = (b["ids"][idx], b["mask"][idx], b["positions"][idx], b["start"])
             logits = roles.policy_logits(*mb) / cfg.temperature
             logp = pc.logprobs_from_logits(logits, b["resp"][idx])
-            pg, clipfrac, approx_kl = pc.policy_loss(logp, old_logp[idx], adv[idx], m[idx], cfg.clip_range)
-            vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip)
+            pg, clipfrac, approx_kl = pc.policy_loss(logp, old_logp[idx], adv[idx], m[idx], cfg.clip_range, count)
+            vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip,
+                                        count)
             loss = pg + cfg.vf_coef * vl
-            if ptx_batch is not None and cfg.ptx_coef > 0:
-                ptx = roles.lm_loss(ptx_batch)
-                loss = loss + cfg.ptx_coef * ptx
-                stats["ptx_loss"].append(ptx.item())
+            ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros(())  # a per-rank mean: sums to the mean
+            loss = loss + cfg.ptx_coef * ptx if use_ptx else loss
             loss.backward()
+            roles.all_reduce_grads()
             torch.nn.utils.clip_grad_norm_(roles.trainable, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                stats["entropy"].append(pc.masked_mean(pc.entropy_from_logits(logits), m[idx]).item())
-            for k, v in (("pg_loss", pg), ("value_loss", vl), ("clipfrac", clipfrac), ("vf_clipfrac", vf_clip),
-                         ("approx_kl", approx_kl)):
-                stats[k].append(v.item() if torch.is_tensor(v) else float(v))
-    kl_seq = kl.sum(-1).mean().item()
-    kl_ctl.update(kl_seq, n)
+                ent = pc.masked_mean(pc.entropy_from_logits(logits), m[idx], count=count)
+                vals = pc.all_sum(torch.stack([v.detach().float() for v in (pg, vl, clipfrac, vf_clip, approx_kl, ent,
+                                                                             ptx)]))
+            for k, v in zip(keys, vals.tolist()):
+                stats[k].append(v)
+    if not use_ptx:
+        del stats["ptx_loss"]
+    kl_seq = pc.global_mean(kl.sum(-1))
+    kl_ctl.update(kl_seq, n * world)
     row = {k: round(sum(v) / len(v), 6) for k, v in stats.items() if v}
-    row.update(reward=round(raw.mean().item(), 6), kl=round(kl_seq, 6), kl_coef=round(kl_ctl.value, 6),
-               response_len=round(m.sum(-1).mean().item(), 3), lr=sched.get_last_lr()[0])
+    row.update(reward=round(pc.global_mean(raw), 6), kl=round(kl_seq, 6), kl_coef=round(kl_ctl.value, 6),
+               response_len=round(pc.global_mean(m.sum(-1)), 3), lr=sched.get_last_lr()[0])
     return row, texts
 
 
 @torch.no_grad()
 def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
-    """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched."""
+    """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched. Each rank
+    scores a contiguous share of the prompts; every rank returns the results of all."""
     from .. import ppo_core as pc
     from ..templates import prompt_ids
 
+    rank, world = pc.world()
+    share = -(-len(prompts) // world)
+    prompts = prompts[rank * share:(rank + 1) * share]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + rank)
         rows, total, kl = [], [], []
         for i in range(0, len(prompts), cfg.batch_size):
             ps = prompts[i:i + cfg.batch_size]
@@ -173,47 +187,70 @@ def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
             kl += ((lp - ref) * b["rmask"]).sum(-1).tolist()
             total += s.tolist()
             rows += [{"prompt": p[-1]["content"], "response": t, "score": round(float(v), 4)} for p, t, v in zip(ps, texts, s)]
+    per_rank = pc.all_gather((total, kl, rows))
+    total, kl, rows = ([x for part in parts for x in part] for parts in zip(*per_rank))
     return sum(total) / len(total), sum(kl) / len(kl), rows
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, keep: int = 2) -> Path:
-    """checkpoints/checkpoint-N, built in a temporary directory and renamed; trainer_state.json marks it complete."""
+    """checkpoints/checkpoint-N, built in a temporary directory and renamed; trainer_state.json marks it complete.
+    Called on every rank: rank 0 writes the (identical) weights and optimizer state with every rank's RNG state, the
+    others wait until it has."""
     import random
 
     from safetensors.torch import save_file
 
+    from ..ppo_core import all_gather
+    from ..training import is_main_process, wait_for_everyone
+
+    rngs = all_gather((torch.get_rng_state(), random.getstate()))
     root = out / "checkpoints"
+    final = root / f"checkpoint-{step}"
+    if not is_main_process():
+        wait_for_everyone()
+        return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(roles.trainable_state(), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate()}, tmp / "state.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": [r[0] for r in rngs],
+                "python_rng": [r[1] for r in rngs]}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, "kl_controller": kl_ctl.state_dict(),
-                                                        "reward_moments": moments.state_dict()}))
-    final = root / f"checkpoint-{step}"
+                                                        "reward_moments": moments.state_dict(),
+                                                        "world_size": len(rngs)}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted((p for p in root.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    wait_for_everyone()
     return final
 
 
 def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
+    """Every rank reads the checkpoint, and its own RNG state: resume at the world size that wrote it."""
     import random
 
     from safetensors.torch import load_file
 
+    from ..ppo_core import world
+
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    rank, size = world()
+    if meta.get("world_size", 1) != size:  # the data position and each rank's sampling RNG belong to that world size
+        raise LorakitError(f"{ckpt} was written by {meta.get('world_size', 1)} processes; resume it with --nproc "
+                           f"{meta.get('world_size', 1)} (this run has {size})")
     roles.load_trainable_state(load_file(str(ckpt / "trainable.safetensors")))
     state = torch.load(ckpt / "state.pt", weights_only=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    rngs = [state["torch_rng"], state["python_rng"]]
+    if torch.is_tensor(rngs[0]):  # written before lorakit ppo ran across processes: one rank
+        rngs = [[rngs[0]], [rngs[1]]]
+    torch.set_rng_state(rngs[0][rank])
+    random.setstate(rngs[1][rank])
     kl_ctl.load_state_dict(meta["kl_controller"])
     moments.load_state_dict(meta["reward_moments"])
     return int(meta["global_step"])
@@ -236,23 +273,26 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from transformers import get_scheduler
 
     from ..data import split_eval
-    from ..models import check_vocab, compute_dtype, count_parameters, load_model, load_tokenizer, resolve_model
+    from ..models import check_vocab, compute_dtype, count_parameters, load_model
     from ..outputs import write_text
     from ..pairs import read_prompts
-    from ..ppo_core import KLController, RunningMoments
+    from ..ppo_core import KLController, RunningMoments, init_processes
     from ..ppo_roles import Roles, load_reward_fn
-    from ..templates import prompt_ids, resolve
-    from ..training import is_main_process, plot_metrics, prepare_output, save_run
+    from ..templates import prompt_ids
+    from ..training import is_main_process, open_run, plot_metrics, save_run
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
         raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or reward_fn=package.module:function")
     if cfg.batch_size % cfg.mini_batch_size:
         raise LorakitError(f"batch_size ({cfg.batch_size}) must be a multiple of mini_batch_size ({cfg.mini_batch_size})")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    out, ckpt = prepare_output(cfg)
-    base = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    template = resolve(cfg.template, tokenizer)
+    rank, world = init_processes()
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(f"lorakit ppo: {msg}", flush=True)
+
+    out, ckpt, base, tokenizer, template = open_run(cfg)
     prompts = read_prompts(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train, held = split_eval(prompts, cfg.eval_fraction, cfg.seed)
     held = held[: cfg.eval_samples]
@@ -264,15 +304,19 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     check_vocab(model, tokenizer, base)
     if cfg.gradient_checkpointing:
-        print("lorakit ppo: gradient_checkpointing is not used by PPO (the model runs in eval mode, no dropout)")
+        say("gradient_checkpointing is not used by PPO (the model runs in eval mode, no dropout)")
     roles = Roles(model, cfg.lora, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter,
                   value_from_reward=cfg.value_from_reward)
+    roles.broadcast_trainable()
+    if rank:  # identical weights, but each rank samples its own responses
+        torch.manual_seed(cfg.seed + rank)
     trainable, total = count_parameters(roles.model)
     updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    print(f"lorakit ppo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}); {len(train)} prompts "
-          f"({len(held)} held out); actor + critic trainable {trainable:,} / {total:,}; reward = "
-          f"{cfg.reward_adapter or cfg.reward_fn}; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
-          f"{cfg.batch_size} rollouts x {cfg.max_new_tokens} tokens per step, {updates} updates", flush=True)
+    per_step = f"{world} processes x {cfg.batch_size}" if world > 1 else f"{cfg.batch_size}"
+    say(f"{base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}); {len(train)} prompts "
+        f"({len(held)} held out); actor + critic trainable {trainable:,} / {total:,}; reward = "
+        f"{cfg.reward_adapter or cfg.reward_fn}; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
+        f"{per_step} rollouts x {cfg.max_new_tokens} tokens per step, {updates} updates")
     if dry_run:
         return out
 
@@ -284,8 +328,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     step = 0
     if ckpt:
         step = load_checkpoint(Path(ckpt), roles, opt, sched, kl_ctl, moments)
-        print(f"lorakit ppo: resumed from {ckpt} at step {step}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+        say(f"resumed from {ckpt} at step {step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
 
     def log(row):
@@ -297,7 +342,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if held and step == 0:
         r, k, samples["before"] = evaluate(roles, cfg, tokenizer, template, reward_fn, held, cfg.seed)
         log({"step": 0, "eval_reward": round(r, 6), "eval_kl": round(k, 6)})
-        print(f"lorakit ppo: held-out mean reward before {r:.4f}", flush=True)
+        say(f"held-out mean reward before {r:.4f}")
         if is_main_process():  # written now so a resumed run still shows the samples from before training
             write_text(out / "samples.jsonl", "".join(json.dumps({"when": "before", **s}, ensure_ascii=False) + "\n"
                                                       for s in samples["before"]))
@@ -305,13 +350,13 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True,
                disable=not is_main_process())
-    while step < cfg.max_steps:
-        epoch, offset = divmod(step * cfg.batch_size, len(train))
+    while step < cfg.max_steps:  # data position = f(step); rank r takes the r-th slice of each global batch
+        epoch, offset = divmod(step * cfg.batch_size * world, len(train))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        idx = [order[(offset + j) % len(train)] for j in range(cfg.batch_size)]  # data position = f(step)
+        idx = [order[(offset + j) % len(train)] for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)]
         t0 = time.time()
         row, _ = ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, [train[i] for i in idx],
-                          [queries[i] for i in idx], kl_ctl, moments, ptx(step) if ptx else None)
+                          [queries[i] for i in idx], kl_ctl, moments, ptx(step * world + rank) if ptx else None)
         step += 1
         row = {"step": step, **row, "seconds": round(time.time() - t0, 2)}
         if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
@@ -328,7 +373,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         r, k, samples["after"] = evaluate(roles, cfg, tokenizer, template, reward_fn, held, cfg.seed)
         log({"step": step, "eval_reward": round(r, 6), "eval_kl": round(k, 6)})
         info.update(held_out_reward=round(r, 4), held_out_kl=round(k, 4))
-        print(f"lorakit ppo: held-out mean reward after {r:.4f} (KL to reference {k:.3f})", flush=True)
+        say(f"held-out mean reward after {r:.4f} (KL to reference {k:.3f})")
         if is_main_process():
             before = (out / "samples.jsonl").read_text(encoding="utf-8") if (out / "samples.jsonl").is_file() else ""
             write_text(out / "samples.jsonl", before + "".join(json.dumps({"when": "after", **s}, ensure_ascii=False)
