@@ -354,6 +354,24 @@ def pack(examples: list[dict], capacity: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def batch_padding(lengths: list[int], batch_size: int, grad_accum: int = 1, seed: int = 0) -> float:
+    """Fraction of the tokens a model processes that are padding, when rows are batched the way `lorakit sft` batches
+    them: the trainer's length-grouped sampler (shuffled, then sorted within mega-batches of ~50 batches) and a
+    collator that pads each batch to its longest row. An estimate from one seeded draw of the same grouping."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    if not lengths:
+        return 0.0
+    order = get_length_grouped_indices(lengths, batch_size * grad_accum, generator=torch.Generator().manual_seed(seed))
+    processed = padding = 0
+    for i in range(0, len(order), batch_size):
+        group = [lengths[j] for j in order[i: i + batch_size]]
+        processed += max(group) * len(group)
+        padding += max(group) * len(group) - sum(group)
+    return padding / processed
+
+
 @dataclass
 class Collator:
     """Pads a batch to its longest row. Packed rows (with position_ids) get no attention_mask and use_cache=False: the

@@ -1,0 +1,56 @@
+"""The causal-LM loss of every stage that trains next-token prediction (sft, pretrain): the LM head runs only at
+positions whose next token is trained, in chunks of positions, each chunk recomputed in backward, so the fp32 logits
+of a whole batch (4 x 512 x 69k = 566 MB for a vocab-extended SmolLM2) never exist at once.
+"""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch.nn.functional import cross_entropy, pad
+from torch.utils.checkpoint import checkpoint
+
+CHUNK = 1024  # positions per LM-head chunk: 1024 x 69k fp32 logits = 283 MB (BENCHMARKS.md "SFT levers")
+
+
+def _chunk_loss(head, hidden, targets):
+    return cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
+    """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n); over `chunk` positions at a
+    time, each chunk's logits recomputed in backward instead of kept."""
+    if hidden.shape[0] <= chunk:
+        return _chunk_loss(head, hidden, targets)
+    return sum(checkpoint(_chunk_loss, head, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk))
+
+
+class Trainer(transformers.Trainer):
+    """Computes the loss from the final hidden states at the trained positions (SFT labels only assistant tokens, ~9%
+    of a packed alpaca_zh row; pretraining trains all). The model call still goes through every wrapper (DDP, PEFT);
+    its own head sees no position (`logits_to_keep` is an all-false mask). Same sum and normaliser as the model's loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        targets = pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts label t+1
+        keep = targets != -100
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=torch.zeros_like(keep),
+                        output_hidden_states=True)
+        hidden = outputs.hidden_states[-1][keep]  # after the final norm (transformers ties the last entry to it)
+        if hidden.shape[0] == 0:  # nothing trained in this batch: a zero that still has a graph
+            loss = outputs.hidden_states[-1].sum() * 0.0
+        else:
+            loss = head_loss_sum(_unwrap(model).get_output_embeddings(), hidden, targets[keep], CHUNK)
+        if num_items_in_batch is None:
+            loss = loss / keep.sum().clamp(min=1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # the trainer averages gradients over processes
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP
+        model = model.module
+    return model
