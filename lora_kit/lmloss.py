@@ -1,28 +1,24 @@
 """The causal-LM loss of every stage that trains next-token prediction (sft, pretrain): the LM head runs only at
-positions whose next token is trained, in chunks of positions, each chunk recomputed in backward, so the fp32 logits
-of a whole batch (4 x 512 x 69k = 566 MB for a vocab-extended SmolLM2) never exist at once.
+positions whose next token is trained, over chunks of positions, so the logits of a whole batch (4 x 512 x 69k fp32 =
+566 MB for a vocab-extended SmolLM2) never exist at once; only each chunk's log-softmax is kept for backward.
 """
 from __future__ import annotations
 
 import torch
 import transformers
 from torch.nn.functional import cross_entropy, pad
-from torch.utils.checkpoint import checkpoint
 
-CHUNK = 1024  # positions per LM-head chunk: 1024 x 69k fp32 logits = 283 MB (BENCHMARKS.md "SFT levers")
-
-
-def _chunk_loss(head, hidden, targets):
-    return cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+# Positions per LM-head chunk. Recomputing each chunk in backward (torch.utils.checkpoint) saved twice the memory but
+# cost ~10% time on pretraining at block 512; without recompute the time is unchanged (BENCHMARKS.md "SFT levers").
+CHUNK = 1024
 
 
 def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
-    """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n); over `chunk` positions at a
-    time, each chunk's logits recomputed in backward instead of kept."""
-    if hidden.shape[0] <= chunk:
-        return _chunk_loss(head, hidden, targets)
-    return sum(checkpoint(_chunk_loss, head, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
-               for i in range(0, hidden.shape[0], chunk))
+    """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n), `chunk` positions at a time."""
+    weight = getattr(head, "weight", None)  # accelerate returns fp32 outputs from a bf16 model; the head wants its own
+    hidden = hidden.to(weight.dtype) if weight is not None else hidden
+    return sum(cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], ignore_index=-100,
+                             reduction="sum") for i in range(0, hidden.shape[0], chunk))
 
 
 class Trainer(transformers.Trainer):

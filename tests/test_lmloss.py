@@ -54,3 +54,15 @@ def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied
         for k, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(g_ours[k], p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [["dtype=bf16"], ["dtype=bf16", "quantization=4bit"]])
+def test_trains_in_bf16_and_qlora_where_accelerate_hands_back_fp32_hidden_states(tiny_model_dir, tmp_path, extra):
+    from lora_kit.recipe import load_config
+    from lora_kit.stages import sft
+
+    cfg = load_config(sft.Config, "alpaca_zh", [f"model={tiny_model_dir}", "data=zh_sft_mix", "max_samples=32",
+                                                 "cutoff_len=128", "batch_size=2", "max_steps=1", "save_steps=1",
+                                                 f"output_dir={tmp_path / 'out'}", *extra])
+    out = sft.run(cfg)
+    assert (out / "run.json").is_file()

@@ -199,8 +199,7 @@ def _append(path: Path, row: dict) -> None:
 def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
                 base: str, new_ids: list[int], rows: list[int]) -> dict:
     """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
-    from transformers import Trainer
-
+    from ..lmloss import Trainer  # chunked LM-head loss: the vocabulary-sized logits never all exist at once
     from ..models import compute_dtype
     from ..outputs import read_run
     from ..textdata import collate_blocks
@@ -223,6 +222,11 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
         install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
         trainer.train(resume_from_checkpoint=ckpt)
         steps = trainer.state.global_step - start_step
+    elif ckpt:  # killed after the phase's last checkpoint: its weights are the result (the trainer would step on)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(ckpt) / ADAPTER_FILES[1])))
     seconds = time.time() - t0
     trained = steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
     speed = {"train_tokens": trained, "train_seconds": round(seconds, 1),
@@ -306,6 +310,8 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
 
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: Config, dry_run: bool = False) -> Path:
+    from transformers import set_seed
+
     from ..models import count_parameters, load_tokenizer, resolve_model
     from ..outputs import is_finished, read_run
     from ..textdata import BlockDataset, Corpus
@@ -334,6 +340,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if not dry_run:
         (out / "run.json").unlink(missing_ok=True)  # the root is rewritten at the end; until then it is unfinished
     for n in (todo if not dry_run else chain):
+        set_seed(cfg.seed)  # LoRA init must not depend on whether phase 1 trained in this process or an earlier one
         model, rows = build_model(cfg, n, base, tokenizer, new_ids)
         trainable, total = count_parameters(model)
         print(f"lorakit pretrain: phase {n}: {base} ({cfg.quantization}), trainable {trainable:,} / {total:,} "
