@@ -93,12 +93,19 @@ class Roles:
         self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch
         self.backbone = self.model.get_base_model().model
         self.lm_head = self.model.get_base_model().get_output_embeddings()
+        self.value_head.to(self.device)  # the heads live beside the model (load_model put it on the GPU, if any)
+        if self.score_head is not None:
+            self.score_head.to(self.device)
         names = ("default", "value")
         self.named_trainable = {n: p for n, p in self.model.named_parameters()
                                 if any(f".{a}." in n for a in names) and ("lora_" in n or "modules_to_save" in n
                                                                           or "trainable_tokens" in n)}
         self.named_trainable.update({f"value_head.{k}": p for k, p in self.value_head.named_parameters()})
         self._use("default")
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -135,16 +142,17 @@ class Roles:
     @torch.no_grad()
     def scores(self, ids, pad_id: int) -> torch.Tensor:
         """Reward-model scores, pooled like AutoModelForSequenceClassification: the last token that is not pad."""
+        ids = ids.to(self.device)
         mask = (ids != pad_id).long()
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         h = self._hidden("reward", ids, torch.ones_like(ids), positions)
         last = (positions * mask).argmax(-1)
-        return self.score_head(h[torch.arange(len(ids)), last].float()).squeeze(-1)
+        return self.score_head(h[torch.arange(len(ids), device=ids.device), last].float()).squeeze(-1)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
         """PPO-ptx: the actor's language-modelling loss on an SFT batch (labels -100 outside answers)."""
         self._use("default")
-        return self.model(**batch).loss
+        return self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
 
     def generate(self, **kw):
         self._use("default")

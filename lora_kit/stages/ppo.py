@@ -64,7 +64,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def sample(roles, cfg, tokenizer, queries: list[list[int]]) -> dict:
     """Generate responses with the actor; ids/mask/positions cover prompt + response, `rmask` the response tokens."""
-    q_ids, q_mask = left_pad(queries, tokenizer.pad_token_id)
+    q_ids, q_mask = (t.to(roles.device) for t in left_pad(queries, tokenizer.pad_token_id))
     gen = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                eos_token_id=tokenizer.eos_token_id, use_cache=True)
@@ -91,7 +91,7 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
         vals = reward_fn([p[-1]["content"] for p in prompts], texts)
         if len(vals) != len(texts):
             raise LorakitError(f"reward_fn returned {len(vals)} values for {len(texts)} responses")
-        return torch.tensor([float(v) for v in vals])
+        return torch.tensor([float(v) for v in vals], device=roles.device)
     from ..templates import encode
 
     seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0] for p, t in zip(prompts, texts)]
@@ -139,7 +139,7 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
             vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip,
                                         count)
             loss = pg + cfg.vf_coef * vl
-            ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros(())  # a per-rank mean: sums to the mean
+            ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros((), device=roles.device)  # a per-rank mean: sums to the mean
             loss = loss + cfg.ptx_coef * ptx if use_ptx else loss
             loss.backward()
             roles.all_reduce_grads()
@@ -173,7 +173,8 @@ def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
     rank, world = pc.world()
     share = -(-len(prompts) // world)
     prompts = prompts[rank * share:(rank + 1) * share]
-    with torch.random.fork_rng(devices=[]):
+    cuda = [roles.device.index or 0] if roles.device.type == "cuda" else []  # sampling draws from the GPU's RNG there
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed + rank)
         rows, total, kl = [], [], []
         for i in range(0, len(prompts), cfg.batch_size):
@@ -204,7 +205,8 @@ def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, ke
     from ..ppo_core import all_gather
     from ..training import is_main_process, wait_for_everyone
 
-    rngs = all_gather((torch.get_rng_state(), random.getstate()))
+    cuda = torch.cuda.get_rng_state() if roles.device.type == "cuda" else None  # rollouts sample on the GPU
+    rngs = all_gather((torch.get_rng_state(), random.getstate(), cuda))
     root = out / "checkpoints"
     final = root / f"checkpoint-{step}"
     if not is_main_process():
@@ -216,7 +218,7 @@ def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, ke
     tmp.mkdir()
     save_file(roles.trainable_state(), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": [r[0] for r in rngs],
-                "python_rng": [r[1] for r in rngs]}, tmp / "state.pt")
+                "python_rng": [r[1] for r in rngs], "cuda_rng": [r[2] for r in rngs]}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, "kl_controller": kl_ctl.state_dict(),
                                                         "reward_moments": moments.state_dict(),
                                                         "world_size": len(rngs)}))
@@ -243,7 +245,7 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
         raise LorakitError(f"{ckpt} was written by {meta.get('world_size', 1)} processes; resume it with --nproc "
                            f"{meta.get('world_size', 1)} (this run has {size})")
     roles.load_trainable_state(load_file(str(ckpt / "trainable.safetensors")))
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     rngs = [state["torch_rng"], state["python_rng"]]
@@ -251,6 +253,9 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
         rngs = [[rngs[0]], [rngs[1]]]
     torch.set_rng_state(rngs[0][rank])
     random.setstate(rngs[1][rank])
+    cuda = state.get("cuda_rng", [None] * size)[rank]
+    if cuda is not None and roles.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda)
     kl_ctl.load_state_dict(meta["kl_controller"])
     moments.load_state_dict(meta["reward_moments"])
     return int(meta["global_step"])
