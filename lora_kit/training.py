@@ -103,18 +103,21 @@ def newest_checkpoint(out: Path) -> Optional[str]:
 
 
 def trim_metrics(out: Path, checkpoint: Optional[str]) -> None:
-    """On resume, forget metrics logged after the checkpoint (they will be logged again)."""
+    """On resume, forget metrics logged after the checkpoint (they will be logged again): everything when there is no
+    checkpoint (step-0 evaluations too), and end-of-run rows logged after the last checkpoint at the same step (the
+    trainer's summary, pretrain's evaluation after a phase)."""
     path = Path(out) / "metrics.jsonl"
     if not path.is_file() or not is_main_process():
         return
-    step = int(Path(checkpoint).name[len("checkpoint-"):]) if checkpoint else 0
+    step = int(Path(checkpoint).name[len("checkpoint-"):]) if checkpoint else -1
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            row = json.loads(line)
         except ValueError:
             continue  # a line cut off by a kill
+        if row.get("step", 0) <= step and "train_loss" not in row and row.get("when") != "after":
+            keep.append(line)
     write_text(path, "".join(l + "\n" for l in keep))
 
 
