@@ -227,11 +227,6 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(Path(ckpt) / ADAPTER_FILES[1])))
-    elif ckpt:  # killed after the phase's last checkpoint: its weights are the result (the trainer would step on)
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(Path(ckpt) / ADAPTER_FILES[1])))
     seconds = time.time() - t0
     trained = steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
     speed = {"train_tokens": trained, "train_seconds": round(seconds, 1),
