@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -72,20 +74,55 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def _owner() -> str:
+    """Names this process in temporary directories: host (outputs may be on a shared filesystem) and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead(owner: str) -> bool:
+    host, _, pid = owner.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's, or not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what a killed command (kill -9, power loss) left beside `path`: its half-built temporary directory,
+    and, if it died between the two renames that replace an old output, put the old output back."""
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        kind, _, rest = p.name[len(path.name) + 2:].partition("-")
+        owner = rest.rsplit("-", 1)[0] if kind == "tmp" else rest  # tmp-OWNER-RANDOM, old-OWNER
+        if kind not in ("tmp", "old") or not _dead(owner):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(p, path)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` (old one removed only then)."""
     path = Path(path)
+    clean_stale(path)
     check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner()}-", dir=path.parent))
     except OSError as e:
         raise LorakitError(f"{path.parent}: cannot write here ({e.strerror})") from None
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{_owner()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
