@@ -76,6 +76,25 @@ def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
     return 0
 
 
+DISK_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded")
+WRITER_ERRORS = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")  # torch.save's, which has no errno
+
+
+def write_failure(e: Optional[BaseException]) -> Optional[str]:
+    """Why a library failed to write a file (torch.save raises RuntimeError, safetensors its own error, neither an
+    OSError), from the exception and the ones it happened while handling; None for any other exception."""
+    chain = []
+    while e is not None and len(chain) < 10:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    for phrase in DISK_ERRORS:
+        if any(phrase in text for text in chain):
+            return f"could not write a file ({phrase})"
+    if any(w in text for w in WRITER_ERRORS for text in chain):
+        return "could not write a file (is the disk full?)"
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     width = max(len(c.name) for c in COMMANDS)
@@ -105,6 +124,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as e:  # full disk, vanished or unwritable paths: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"lorakit {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise  # a bug: keep the traceback
+        print(f"lorakit {cmd.name}: error: {reason}; free some space and run the command again "
+              "(training: with resume=true)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lorakit {cmd.name}: interrupted", file=sys.stderr)
