@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from .errors import LorakitError
+
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "prompts", "text")
+SFT_KEYS = ("instruction", "output", "conversations", "messages")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,45 +20,211 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "preference pairs and PPO prompts")
     b.add_argument("--output", default=None, help="directory (default: the project's data/)")
     c = sub.add_parser("check", help="validate a dataset: every problem with file, record and field")
-    c.add_argument("file")
-    c.add_argument("--format", default="auto", help="auto | alpaca | sharegpt | messages")
+    c.add_argument("file", help="a data file (json, jsonl, csv, parquet, txt) or a directory of text files")
+    c.add_argument("--format", default="auto", choices=FORMATS,
+                   help="alpaca | sharegpt | messages (sft), pairs (rm, dpo: chosen/rejected or ranked responses), "
+                        "prompts (ppo), text (pretrain: .txt lines or jsonl 'text'); auto detects it from the file")
     c.add_argument("--model", help="tokenizer to count tokens against --cutoff-len")
     c.add_argument("--cutoff-len", type=int, default=512)
     c.add_argument("--max-problems", type=int, default=50, help="stop listing after this many")
 
 
-def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -> tuple[int, list[str]]:
-    """(number of records, problems). Each problem is one line naming file, record and field."""
-    from .data import FORMATS, Record, detect_format, read_records
-    from .templates import encode, resolve
+def detect_kind(path: Path, records) -> str:
+    """sft, pairs, prompts or text, from the file type and the first record that is an object."""
+    if path.is_dir() or path.suffix == ".txt":
+        return "text"
+    first = next((r.data for r in records if isinstance(r.data, dict)), {})
+    if any(k in first for k in ("chosen", "rejected", "responses")):
+        return "pairs"
+    if "text" in first and not any(k in first for k in SFT_KEYS):
+        return "text"
+    if "prompt" in first or ("instruction" in first and "output" not in first):
+        return "prompts"
+    return "sft"
 
+
+def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -> tuple[int, list[str]]:
+    """(number of records, problems). Each problem is one line naming file, record and field. The checks are the
+    functions training uses (data.py, pairs.py), except that every record is checked and every problem kept."""
+    from .data import read_records
+
+    p = Path(path)
     problems: list[str] = []
+    if fmt in ("auto", "text") and (p.is_dir() or p.suffix == ".txt"):
+        return _check_text_files(p, problems), problems
     try:
         records = read_records(path, problems)
     except LorakitError as e:
         return 0, [str(e)]
-    fmt_obj = None
+    kind = detect_kind(p, records) if fmt == "auto" else fmt if fmt in ("pairs", "prompts", "text") else "sft"
+    sequences = {"sft": _sft, "pairs": _pairs, "prompts": _prompts, "text": _text_record}[kind]
+    template = None
+    if tokenizer is not None:
+        from .templates import resolve
+
+        template = resolve("auto", tokenizer)
     seen: dict[str, int] = {}
-    template = resolve("auto", tokenizer) if tokenizer is not None else None
+    state: dict = {"format": fmt}
     for rec in records:
-        try:
-            fmt_obj = fmt_obj or detect_format(rec, fmt)
-            if not isinstance(rec.data, dict):
-                raise LorakitError(f"{rec.loc()}: a record must be a JSON object")
-            msgs = fmt_obj.to_messages(rec)
-        except LorakitError as e:
-            problems.append(str(e))
+        if not isinstance(rec.data, dict):
+            problems.append(f"{rec.loc()}: a record must be a JSON object, got {type(rec.data).__name__}")
             continue
-        key = json.dumps(msgs, ensure_ascii=False, sort_keys=True)
+        errors, key, seqs = sequences(rec, state)
+        problems += errors
+        if key is None:
+            continue
         if key in seen:
             problems.append(f"{rec.loc()}: duplicate of record {seen[key]}")
         else:
             seen[key] = rec.index
-        if tokenizer is not None:
-            n = len(encode(tokenizer, template, msgs)[0])
+        if tokenizer is not None and seqs:
+            n = max(len(_ids(tokenizer, template, s)) for s in seqs)
             if n > cutoff_len:
                 problems.append(f"{rec.loc()}: {n} tokens, over cutoff_len {cutoff_len} (will be truncated)")
-    return len(records), problems
+    return len(records), sorted(problems, key=_line)  # lines unreadable as JSON were listed first
+
+
+def _line(problem: str) -> int:
+    m = re.match(r"[^\n]*?:(\d+):", problem)
+    return int(m.group(1)) if m else 0
+
+
+def _ids(tokenizer, template, seq) -> list[int]:
+    from .templates import encode, prompt_ids
+
+    kind, msgs = seq
+    return prompt_ids(tokenizer, template, msgs) if kind == "prompt" else encode(tokenizer, template, msgs)[0]
+
+
+def _key(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+# Each checker: (problems, key for duplicates or None when the record is unusable, token sequences to measure).
+def _sft(rec, state):
+    from .data import detect_format
+
+    try:
+        state["sft"] = state.get("sft") or detect_format(rec, state["format"])
+        msgs = state["sft"].to_messages(rec)
+    except LorakitError as e:
+        return [str(e)], None, []
+    return [], _key(msgs), [("full", msgs)]
+
+
+def _pairs(rec, state):
+    """Prompt, then each response on its own, so one record can report several fields."""
+    from .pairs import RANKED, _response, prompt_messages
+
+    errors, prompt = [], None
+    try:
+        prompt = prompt_messages(rec)
+    except LorakitError as e:
+        errors.append(str(e))
+    d = rec.data
+    if RANKED in d:
+        fields = [(f"{RANKED}[{i}]", v) for i, v in enumerate(d[RANKED])] if isinstance(d[RANKED], list) else []
+        if len(fields) < 2:
+            errors.append(f"{rec.loc(RANKED)} must be a list of at least 2 responses, best first")
+    else:
+        fields = []
+        for k in ("chosen", "rejected"):
+            if k in d:
+                fields.append((k, d[k]))
+            else:
+                errors.append(f"{rec.loc(k)} is missing (or give '{RANKED}', a list ranked best first)")
+    texts = []
+    for name, value in fields:
+        try:
+            texts.append(_response(rec, value, name))
+        except LorakitError as e:
+            errors.append(str(e))
+    if not errors and RANKED not in d and texts[0] == texts[1]:
+        errors.append(f"{rec.loc('rejected')} is identical to 'chosen'")
+    if errors:
+        return errors, None, []
+    return [], _key([prompt, texts]), [("full", prompt + [{"role": "assistant", "content": t}]) for t in texts]
+
+
+def _prompts(rec, state):
+    from .pairs import prompt_messages
+
+    try:
+        msgs = prompt_messages(rec)
+    except LorakitError as e:
+        return [str(e)], None, []
+    return [], _key(msgs), [("prompt", msgs)]
+
+
+def _text_record(rec, state):
+    text = rec.data.get("text")
+    if text is None:
+        return [f"{rec.loc('text')} is missing"], None, []
+    if not isinstance(text, str):
+        return [f"{rec.loc('text')} must be a string, got {type(text).__name__}"], None, []
+    if not text.strip():
+        return [f"{rec.loc('text')} is empty"], None, []
+    return [], text, []  # pretraining has no cutoff: documents are joined and cut into blocks
+
+
+def _check_text_files(path: Path, problems: list[str]) -> int:
+    """Plain text (one document a line) or a directory of .txt/.jsonl files, as `pretrain` reads them."""
+    from .data import read_records
+    from .textdata import TEXT_SUFFIXES
+
+    if not path.exists():
+        problems.append(f"{path}: data file not found")
+        return 0
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        problems.append(f"{path}: no .txt/.jsonl files in this directory")
+    seen: dict[str, tuple[Path, int]] = {}
+    docs = 0
+    for f in files:
+        start = len(problems)
+        if f.suffix == ".txt":
+            lines = _text_lines(f, problems)
+        else:
+            try:
+                recs = read_records(str(f), problems)
+            except LorakitError as e:
+                problems.append(str(e))
+                continue
+            lines = []
+            for rec in recs:
+                if not isinstance(rec.data, dict):
+                    problems.append(f"{rec.loc()}: a record must be a JSON object, got {type(rec.data).__name__}")
+                    continue
+                errors, text, _ = _text_record(rec, {})
+                problems += errors
+                if text is not None:
+                    lines.append((rec.index, text))
+        for n, text in lines:
+            docs += 1
+            if text in seen:
+                g, m = seen[text]
+                problems.append(f"{f}:{n}: duplicate of line {m}" + ("" if g == f else f" of {g}"))
+            else:
+                seen[text] = (f, n)
+        problems[start:] = sorted(problems[start:], key=_line)
+    if files and not docs and not problems:
+        problems.append(f"{path}: no text (every line is empty)")
+    return docs
+
+
+def _text_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
+    """Non-empty lines numbered as `pretrain` reads them (universal newlines; corpora.iter_lines)."""
+    out = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(f"{path}:{n}: invalid UTF-8 at character {e.start}")
+                continue
+            if line.strip():
+                out.append((n, line.rstrip("\n")))
+    return out
 
 
 def main(args) -> int:
@@ -79,5 +250,10 @@ def main(args) -> int:
         print(line)
     if len(problems) > args.max_problems:
         print(f"... and {len(problems) - args.max_problems} more")
-    print(f"{args.file}: {n} records, {len(problems)} problems")
+    print(f"{args.file}: {n} {'documents' if _is_text(args) else 'records'}, {len(problems)} problems")
     return 1 if problems else 0
+
+
+def _is_text(args) -> bool:
+    p = Path(args.file)
+    return args.format in ("auto", "text") and (p.is_dir() or p.suffix == ".txt")

@@ -1,0 +1,154 @@
+"""`lorakit data check` on preference pairs, PPO prompts and pretraining text: every problem listed as `file:line: field
+...`, the format given or detected, and training stopping on the same first problem before it loads a model."""
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import write_jsonl
+from lora_kit.cli import main
+from lora_kit.data import BUNDLED_DIR
+from lora_kit.datacmd import check
+
+BAD_PAIRS = [
+    {"instruction": "q", "chosen": "a", "rejected": "b"},  # 1 fine
+    {"instruction": "q", "chosen": "a", "rejected": "a"},  # 2 identical
+    {"instruction": "", "rejected": ""},  # 3 three problems
+    "nope",  # 4 not an object
+    {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "human", "value": "x"},
+     "rejected": {"from": "gpt", "value": "y"}},  # 5 chosen by the user
+    {"instruction": "r", "responses": ["A", 3, ""]},  # 6 two bad responses
+    {"instruction": "q", "chosen": "a", "rejected": "b"},  # 7 duplicate of 1
+    {"conversations": [{"from": "alien", "value": "hi"}], "chosen": "x", "rejected": "y"},  # 8 unknown role
+    {"conversations": [], "chosen": "x", "rejected": "y"},  # 9 empty conversation
+    {"instruction": "r", "responses": ["only one"]},  # 10 too few
+]
+
+
+def run_check(capsys, *args) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main(["data", "check", *map(str, args)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out.splitlines()
+
+
+def test_preference_pairs_every_problem_with_line_and_field(tmp_path, capsys):
+    f = write_jsonl(tmp_path / "p.jsonl", BAD_PAIRS)
+    with open(f, "ab") as fh:
+        fh.write(b'{"instruction": "x", \n{"instruction": "\xff", "chosen": "a", "rejected": "b"}\n')  # 11, 12
+    code, out = run_check(capsys, f)
+    p = str(f)
+    assert code == 1
+    assert out[:-1] == [
+        f"{p}:2: field 'rejected' is identical to 'chosen'",
+        f"{p}:3: field 'instruction' and 'input' are both empty",
+        f"{p}:3: field 'chosen' is missing (or give 'responses', a list ranked best first)",
+        f"{p}:3: field 'rejected' is empty",
+        f"{p}:4: a record must be a JSON object, got str",
+        f"{p}:5: field 'chosen.from' must be an assistant role, got 'human'",
+        f"{p}:6: field 'responses[1]' must be a string or {{from, value}}, got int",
+        f"{p}:6: field 'responses[2]' is empty",
+        f"{p}:7: duplicate of record 1",
+        f"{p}:8: field 'conversations[0].from' has unknown role 'alien' (expected one of assistant, bot, gpt, human, "
+        "model, system, user)",
+        f"{p}:9: field 'conversations' is an empty conversation",
+        f"{p}:10: field 'responses' must be a list of at least 2 responses, best first",
+        f"{p}:11: invalid JSON (Expecting property name enclosed in double quotes, column 1)",
+        f"{p}:12: invalid UTF-8 at byte 17",
+    ]
+    assert out[-1] == f"{p}: 10 records, 14 problems"
+
+
+def test_valid_pairs_and_prompts_pass_auto_detected(tmp_path, capsys):
+    ranked = write_jsonl(tmp_path / "r.jsonl", [
+        {"instruction": "q", "responses": ["A", "B", {"from": "gpt", "value": "C"}]},
+        {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"}],
+         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}},
+        {"messages": [{"role": "user", "content": "hi"}], "chosen": "x", "rejected": "y"}])
+    for f in (ranked, BUNDLED_DIR / "zh_review_pairs.jsonl", BUNDLED_DIR / "zh_review_prompts.jsonl"):
+        code, out = run_check(capsys, f)
+        assert code == 0 and out[-1].endswith(" 0 problems"), out
+
+
+def test_format_option_overrides_detection(tmp_path, capsys):
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "q", "output": "a"}])
+    code, out = run_check(capsys, sft, "--format", "pairs")
+    assert code == 1 and out[0] == f"{sft}:1: field 'chosen' is missing (or give 'responses', a list ranked best first)"
+    code, out = run_check(capsys, sft, "--format", "text")
+    assert code == 1 and out[0] == f"{sft}:1: field 'text' is missing"
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "q"}, {"prompt": ""}, {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+    code, out = run_check(capsys, prompts, "--format", "prompts")
+    assert out[:-1] == [f"{prompts}:2: field 'prompt' is empty",
+                        f"{prompts}:3: field 'messages': the prompt must end with a user turn"]
+
+
+def test_text_file_and_jsonl_text(tmp_path, capsys):
+    txt = tmp_path / "t.txt"
+    txt.write_bytes("一篇文章\n\nbad \xff byte\n一篇文章\n另一篇\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    code, out = run_check(capsys, txt)
+    assert code == 1 and out == [f"{txt}:3: invalid UTF-8 at character 4", f"{txt}:4: duplicate of line 1",
+                                 f"{txt}: 3 documents, 2 problems"]
+    jl = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": ""}, {"text": 5}, {"txt": "x"}, {"text": "a"}])
+    code, out = run_check(capsys, jl, "--format", "text")
+    assert out[:-1] == [f"{jl}:2: field 'text' is empty", f"{jl}:3: field 'text' must be a string, got int",
+                        f"{jl}:4: field 'text' is missing", f"{jl}:5: duplicate of record 1"]
+    # a directory, as `pretrain data=DIR` reads it: every .txt/.jsonl file, duplicates across files named
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("甲\n乙\n", encoding="utf-8")
+    write_jsonl(d / "b.jsonl", [{"text": "乙"}, {"text": ""}])
+    code, out = run_check(capsys, d)
+    assert code == 1 and out == [f"{d / 'b.jsonl'}:1: duplicate of line 2 of {d / 'a.txt'}",
+                                 f"{d / 'b.jsonl'}:2: field 'text' is empty", f"{d}: 3 documents, 2 problems"]
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    assert run_check(capsys, empty) == (1, [f"{empty}: no text (every line is empty)", f"{empty}: 0 documents, 1 problems"])
+
+
+def test_over_cutoff_counted_with_the_training_template(tiny_model_dir, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "短", "chosen": "好", "rejected": "差"},
+                                           {"instruction": "长" * 60, "chosen": "好", "rejected": "差" * 80}])
+    code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64")
+    assert code == 1 and len(out) == 2
+    assert out[0].startswith(f"{f}:2: ") and out[0].endswith("tokens, over cutoff_len 64 (will be truncated)")
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "pretrain"])
+def test_training_stops_on_the_first_problem_check_reports(stage, tiny_model_dir, tmp_path, capsys):
+    """Training validates with the same functions before it loads the model: the same file:line: field message."""
+    if stage == "pretrain":
+        data = tmp_path / "t.txt"
+        data.write_bytes(b"good line one\ngood line two\nbad \xff\n")
+    elif stage == "ppo":
+        data = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "q"}, {"messages": [{"role": "robot", "content": "x"}]}])
+    else:
+        data = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "q", "chosen": "a", "rejected": "b"},
+                                                  {"instruction": "q", "chosen": "a", "rejected": 7}])
+    first = check(str(data))[1][0]
+    extra = ["reward_fn=ppo_rewards:de_share"] if stage == "ppo" else []
+    capsys.readouterr()
+    assert main([stage, f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'o'}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lorakit {stage}: error: {first}\n"
+    assert not (tmp_path / "o").exists()
+
+
+keys = st.sampled_from(["instruction", "input", "chosen", "rejected", "responses", "conversations", "messages", "from",
+                        "value", "role", "content", "text", "prompt", "system", "history"])
+values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(keys, values, max_size=4) | values, min_size=1, max_size=4),
+       st.sampled_from(["auto", "pairs", "prompts", "text", "alpaca", "sharegpt", "messages"]))
+def test_random_records_never_traceback(tmp_path, recs, fmt):
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    n, problems = check(str(f), fmt)
+    assert n == len(recs)
+    assert all(p.startswith(f"{f}:") and "\n" not in p for p in problems), problems
