@@ -45,6 +45,18 @@ class Trainer(transformers.Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length` as transformers does it, but grouped by the *global* batch (processes x per-device batch x
+        accumulation): transformers groups by one process's batch, so 2 processes x batch 2 would train on other batches
+        than 1 process x batch 4 and the adapters would differ (tests/test_distributed.py)."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedSampler(size, dataset=train_dataset if train_dataset is not None else self.train_dataset,
+                                    model_input_name="input_ids")
+
 
 def _unwrap(model):
     while hasattr(model, "module"):  # DDP
