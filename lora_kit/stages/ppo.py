@@ -380,7 +380,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         info.update(held_out_reward=round(r, 4), held_out_kl=round(k, 4))
         say(f"held-out mean reward after {r:.4f} (KL to reference {k:.3f})")
         if is_main_process():
-            before = (out / "samples.jsonl").read_text(encoding="utf-8") if (out / "samples.jsonl").is_file() else ""
+            old = (out / "samples.jsonl").read_text(encoding="utf-8") if (out / "samples.jsonl").is_file() else ""
+            keep = [l for l in old.splitlines() if json.loads(l).get("when") == "before"]  # not a killed run's "after"
+            before = "".join(l + "\n" for l in keep)
             write_text(out / "samples.jsonl", before + "".join(json.dumps({"when": "after", **s}, ensure_ascii=False)
                                                                + "\n" for s in samples["after"]))
     if is_main_process():
