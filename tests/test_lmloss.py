@@ -1,6 +1,7 @@
 """The shared LM-head loss (`lora_kit.lmloss`): chunked, recomputed head + cross-entropy gives the model's own loss
 and gradients, for pretraining's every-position labels and SFT's masked ones, with trainable embedding rows (tied and
 untied heads) and LoRA."""
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from lora_kit import lmloss
 from lora_kit.models import attach_lora, attach_token_rows, token_row_targets
 from lora_kit.recipe import LoraArgs
+from loss_helpers import assert_loss_and_grads_match_the_models_own
 
 
 def model_for(path, phase):
@@ -40,20 +42,7 @@ def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied
     inputs = {"input_ids": ids, "labels": labels}
     monkeypatch.setattr(lmloss, "CHUNK", 16)  # several chunks, the last one partial
     trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
-    n = (labels[:, 1:] != -100).sum()
-    for nb in (None, n):
-        model.zero_grad()
-        ours = lmloss.Trainer.compute_loss(trainer, model, dict(inputs), num_items_in_batch=nb)
-        ours.backward()
-        g_ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad()
-        theirs = model(**inputs).loss if nb is None else model(**inputs, num_items_in_batch=nb).loss
-        theirs.backward()
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
-        assert g_ours and all(p.grad is not None for k, p in model.named_parameters() if p.requires_grad)
-        for k, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(g_ours[k], p.grad, atol=1e-6, rtol=1e-4)
+    assert_loss_and_grads_match_the_models_own(partial(lmloss.Trainer.compute_loss, trainer), model, inputs)
 
 
 @pytest.mark.parametrize("extra", [["dtype=bf16"], ["dtype=bf16", "quantization=4bit"]])

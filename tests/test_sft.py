@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from lora_kit.recipe import load_config
 from lora_kit.stages import sft
+from loss_helpers import assert_loss_and_grads_match_the_models_own
 
 EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja", "recipe.yaml", "run.json", "metrics.jsonl", "loss.png", "checkpoints",
@@ -147,17 +148,4 @@ def test_selective_lm_head_loss_equals_the_models_own_loss(tiny_model_dir, tmp_p
     """The trainer computes logits only where a token is trained; loss and gradients must equal the full-logits path."""
     job = sft.setup(cfg_for(tiny_model_dir, tmp_path / "out", "lora.dropout=0", "packing=false"))
     batch = job.trainer.data_collator([job.trainer.train_dataset[i] for i in range(3)])
-    n = (batch["labels"][:, 1:] != -100).sum()
-    model = job.model
-    for nb in (None, n):
-        model.zero_grad()
-        ours = job.trainer.compute_loss(model, dict(batch), num_items_in_batch=nb)
-        ours.backward()
-        g_ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad()
-        theirs = model(**batch).loss if nb is None else model(**batch, num_items_in_batch=nb).loss
-        theirs.backward()
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
-        for k, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(g_ours[k], p.grad, atol=1e-6, rtol=1e-4)
+    assert_loss_and_grads_match_the_models_own(job.trainer.compute_loss, job.model, batch)
