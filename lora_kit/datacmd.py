@@ -113,34 +113,9 @@ def _sft(rec, state):
 
 
 def _pairs(rec, state):
-    """Prompt, then each response on its own, so one record can report several fields."""
-    from .pairs import RANKED, _response, prompt_messages
+    from .pairs import pair_problems
 
-    errors, prompt = [], None
-    try:
-        prompt = prompt_messages(rec)
-    except LorakitError as e:
-        errors.append(str(e))
-    d = rec.data
-    if RANKED in d:
-        fields = [(f"{RANKED}[{i}]", v) for i, v in enumerate(d[RANKED])] if isinstance(d[RANKED], list) else []
-        if len(fields) < 2:
-            errors.append(f"{rec.loc(RANKED)} must be a list of at least 2 responses, best first")
-    else:
-        fields = []
-        for k in ("chosen", "rejected"):
-            if k in d:
-                fields.append((k, d[k]))
-            else:
-                errors.append(f"{rec.loc(k)} is missing (or give '{RANKED}', a list ranked best first)")
-    texts = []
-    for name, value in fields:
-        try:
-            texts.append(_response(rec, value, name))
-        except LorakitError as e:
-            errors.append(str(e))
-    if not errors and RANKED not in d and texts[0] == texts[1]:
-        errors.append(f"{rec.loc('rejected')} is identical to 'chosen'")
+    errors, prompt, texts = pair_problems(rec)
     if errors:
         return errors, None, []
     return [], _key([prompt, texts]), [("full", prompt + [{"role": "assistant", "content": t}]) for t in texts]

@@ -10,6 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .data import Record, _alpaca, _text, _turns, check_conversation, read_records
 from .errors import LorakitError
@@ -61,24 +62,45 @@ def _response(rec: Record, value, field: str) -> str:
     return value
 
 
+def pair_problems(rec: Record) -> tuple[list[str], Optional[list[dict]], list[str]]:
+    """(every problem, prompt, response texts best first) of a preference record: the prompt, then each response field
+    on its own. `record_pairs` raises the first problem; `lorakit data check` reports them all."""
+    errors, prompt, texts = [], None, []
+    try:
+        prompt = prompt_messages(rec)
+    except LorakitError as e:
+        errors.append(str(e))
+    d = rec.data
+    if not isinstance(d, dict):
+        return errors, None, []
+    if RANKED in d:
+        fields = [(f"{RANKED}[{i}]", v) for i, v in enumerate(d[RANKED])] if isinstance(d[RANKED], list) else []
+        if len(fields) < 2:
+            errors.append(f"{rec.loc(RANKED)} must be a list of at least 2 responses, best first")
+    else:
+        fields = []
+        for key in ("chosen", "rejected"):
+            if key in d:
+                fields.append((key, d[key]))
+            else:
+                errors.append(f"{rec.loc(key)} is missing (or give '{RANKED}', a list ranked best first)")
+    for name, value in fields:
+        try:
+            texts.append(_response(rec, value, name))
+        except LorakitError as e:
+            errors.append(str(e))
+    if not errors and RANKED not in d and texts[0] == texts[1]:
+        errors.append(f"{rec.loc('rejected')} is identical to 'chosen'")
+    return errors, prompt, texts
+
+
 def record_pairs(rec: Record) -> list[Pair]:
     """One pair for chosen/rejected; all K(K-1)/2 pairs (better, worse) for a ranked `responses` list."""
-    prompt = prompt_messages(rec)
-    d = rec.data
-    if RANKED in d:
-        ranked = d[RANKED]
-        if not isinstance(ranked, list) or len(ranked) < 2:
-            raise LorakitError(f"{rec.loc(RANKED)} must be a list of at least 2 responses, best first")
-        texts = [_response(rec, v, f"{RANKED}[{i}]") for i, v in enumerate(ranked)]
-        return [Pair(rec, prompt, texts[i], texts[j]) for i in range(len(texts)) for j in range(i + 1, len(texts))
-                if texts[i] != texts[j]]
-    for key in ("chosen", "rejected"):
-        if key not in d:
-            raise LorakitError(f"{rec.loc(key)} is missing (or give '{RANKED}', a list ranked best first)")
-    chosen, rejected = _response(rec, d["chosen"], "chosen"), _response(rec, d["rejected"], "rejected")
-    if chosen == rejected:
-        raise LorakitError(f"{rec.loc('rejected')} is identical to 'chosen'")
-    return [Pair(rec, prompt, chosen, rejected)]
+    errors, prompt, texts = pair_problems(rec)
+    if errors:
+        raise LorakitError(errors[0])
+    return [Pair(rec, prompt, texts[i], texts[j]) for i in range(len(texts)) for j in range(i + 1, len(texts))
+            if texts[i] != texts[j]]
 
 
 def read_pairs(spec: str, max_samples: int = 0, skip_bad: bool = False) -> list[list[Pair]]:
