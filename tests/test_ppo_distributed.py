@@ -76,6 +76,10 @@ def stats_worker(side: Path) -> int:
     torch.save({"whiten": pc.masked_whiten(x, mask), "moments": moments.state_dict(),
                 "kl": pc.global_mean((x * mask).sum(-1)), "count": pc.all_sum(mask.sum()).item()},
                side / f"stats{rank}.pt")
+    import torch.distributed as dist
+
+    dist.barrier()  # leave together: a rank exiting while gloo still talks to it aborts ("terminate called ...")
+    dist.destroy_process_group()
     return 0
 
 
