@@ -2,7 +2,7 @@
 loaded): weights, gradients, optimizer states, activations, for LoRA, QLoRA or full tuning, DDP or DeepSpeed ZeRO-2/3.
 
 Counts bytes the way ZeRO (Rajbhandari et al. 2020) does, for what lorakit actually runs: peft keeps LoRA weights in
-fp32, QLoRA's prepare_model_for_kbit_training upcasts the unquantized parameters to fp32, torch AdamW keeps two states
+fp32, QLoRA in fp16 upcasts the unquantized parameters to fp32 (in bf16 they stay bf16), torch AdamW keeps two states
 in the parameter's dtype, DeepSpeed keeps fp32 master weights + two fp32 states (12 bytes) for 16-bit training.
 Activations count the tensors autograd saves in a transformers LlamaDecoderLayer with fused (flash/SDPA) attention.
 """
@@ -195,7 +195,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     if setup.method == "lora":
         frozen = shape.params * wb
     elif setup.method == "qlora":
-        other = 4 if not zero else wb  # prepare_model_for_kbit_training upcasts embeddings/norms/head to fp32
+        other = 4 if setup.dtype == "fp16" and not zero else wb  # models.freeze_base: fp16 upcasts them to fp32
         frozen = shape.linear_params * NF4_BYTES + shape.other_params * other
         notes.append("QLoRA: NF4 linear layers; embeddings, head and norms unquantized")
     weights = frozen + trainable * tb

@@ -3,6 +3,8 @@ quantization, attach LoRA (targets, trainable embedding rows). The one place tha
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import importlib.util
 import json
@@ -176,7 +178,11 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
         # each process's own GPU (torchrun/accelerate set LOCAL_RANK); GPU 0 would hold every rank's copy
         load_kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if device() == "cuda" else {"": "cpu"}
     try:
-        model = model_class.from_pretrained(path, **load_kw)
+        files = _safetensors_files(path) if qconf is not None and not allow_pickle else []
+        if files:
+            model = _load_converting(model_class, path, files, load_kw)
+        else:
+            model = model_class.from_pretrained(path, **load_kw)
     except OSError as e:
         hint = ("; it holds pickle weights only: convert them to safetensors, or pass allow_pickle=true if you trust "
                 "the file" if not allow_pickle and Path(path).is_dir() and any(Path(path).glob("*.bin")) else "")
@@ -185,6 +191,70 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
     if device() != "cpu" and qconf is None and "device_map" not in kwargs and not engine_places:
         model.to(device())  # (DeepSpeed/FSDP shard the CPU copy onto the GPUs themselves: a whole 65B would not fit)
     return model
+
+
+def _safetensors_files(path: str) -> list[Path]:
+    """The safetensors files of a local checkpoint directory (sharded or not); [] for anything else."""
+    d = Path(path)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else []
+
+
+def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
+    """from_pretrained for a load that converts every tensor (4/8-bit): the files are read one tensor at a time (pread)
+    instead of memory-mapped. transformers keeps its mmap open until the whole load ends, so every page of the
+    full-precision checkpoint stays resident meanwhile: a 4-bit load of a 2.1 GB bf16 checkpoint peaked at 2.9 GB,
+    most of it file pages it no longer needed (BENCHMARKS.md, "QLoRA memory")."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
+    kw = dict(load_kw)
+    config, model_kw = AutoConfig.from_pretrained(path, return_unused_kwargs=True,
+                                                  trust_remote_code=kw.pop("trust_remote_code"),
+                                                  **{k: kw.pop(k) for k in list(kw) if k not in _LOAD_ONLY})
+    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: from_pretrained(None) needs the real one
+    if getattr(config, "auto_map", None) or (mapping is not None and type(config) not in mapping):
+        return model_class.from_pretrained(path, **load_kw)  # remote code or an unknown architecture: the usual way
+    concrete = mapping[type(config)] if mapping is not None else model_class
+    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    try:  # lazy slices, as transformers itself passes them: each tensor is read when it is converted
+        state = {k: h.get_slice(k) for h in handles for k in h.keys()}
+        with _freed_memory_returned():
+            model = concrete.from_pretrained(None, config=config, state_dict=state, **kw, **model_kw)
+    finally:
+        for h in handles:
+            h.__exit__(None, None, None)
+    model.name_or_path = model.config.name_or_path = path  # (peft records it as the adapter's base model)
+    if model.can_generate() and (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+_LOAD_ONLY = {"dtype", "use_safetensors", "quantization_config", "device_map"}
+
+
+@contextlib.contextmanager
+def _freed_memory_returned():
+    """glibc keeps freed blocks under its mmap threshold (dynamic, up to 32 MB) in its heaps, and a converting load
+    frees one full-precision tensor per weight: a 1.1B 4-bit load ended with 0.6 GB of free heap counted in the RSS.
+    Meanwhile every block of 1 MB or more gets its own mapping, given back when freed; afterwards the threshold is
+    glibc's own dynamic maximum and the heaps are trimmed. (A small threshold kept for training halves a LoRA run's
+    RSS but costs it 20-27% of its speed here: BENCHMARKS.md "QLoRA memory".) Elsewhere than glibc: nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.malloc_trim(0)
 
 
 def check_vocab(model, tokenizer, where: str = "model") -> None:
@@ -202,20 +272,43 @@ def sharded_by_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
+def freeze_base(model, gradient_checkpointing: bool = False):
+    """Freeze every base weight for adapter training (and turn on gradient checkpointing if asked).
+
+    A 4/8-bit base in fp16 goes through peft's prepare_model_for_kbit_training, which upcasts the unquantized weights
+    (norms, embeddings, head) to fp32 because fp16 overflows. In bf16 or fp32 they stay as loaded, as in plain bf16
+    LoRA: the upcast would double the embeddings and head for nothing (0.5 GB on a 1.1B model, BENCHMARKS.md "QLoRA
+    memory"), and FSDP needs one dtype per flat parameter anyway (TRL skips it for sharded QLoRA too)."""
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
+    if quantized and model.get_input_embeddings().weight.dtype == torch.float16 and not sharded_by_fsdp():
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _train_in_fp32(model):
+    """Trainable parameters (adapters, embedding rows, saved heads) as fp32 master weights whatever the base dtype:
+    AdamW updates of a bf16 weight round away."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | dict[str, list[int]]] = None,
                 modules_to_save: Optional[list[str]] = None, task_type: str = "CAUSAL_LM",
                 gradient_checkpointing: bool = False):
     """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows).
 
     `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
-    if quantized and not sharded_by_fsdp():
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:  # (FSDP + QLoRA: no fp32 upcast, see sharded_by_fsdp)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = freeze_base(model, gradient_checkpointing)
     targets = lora.target_modules
     targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     extra = {}
@@ -225,7 +318,7 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
         extra["trainable_token_indices"] = {"embed_tokens": list(trainable_token_indices)}
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         task_type=task_type, modules_to_save=modules_to_save, **extra)
-    return get_peft_model(model, config)
+    return _train_in_fp32(get_peft_model(model, config))
 
 
 def token_row_targets(model, rows: list[int]) -> dict[str, list[int]]:
@@ -247,11 +340,8 @@ def attach_token_rows(model, targets: dict[str, list[int]]):
     indices = sorted({i for rows in targets.values() for i in rows})
     if any(sorted(set(rows)) != indices for rows in targets.values()):
         raise ValueError("trainable token rows must be the same for every target module")
-    model = get_peft_model(model, TrainableTokensConfig(token_indices=indices, target_modules=list(targets)))
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model
+    return _train_in_fp32(get_peft_model(model, TrainableTokensConfig(token_indices=indices,
+                                                                        target_modules=list(targets))))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -163,3 +163,63 @@ def test_fsdp_qlora_config_and_quant_storage(tiny_model_dir):
     from peft.utils.other import fsdp_auto_wrap_policy
 
     assert fsdp_auto_wrap_policy(model) is not None
+
+
+def _logits(model, n_vocab):
+    ids = torch.tensor([[1, 5, 9, n_vocab - 1]])
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_4bit_load_reads_tensors_one_at_a_time_and_equals_the_usual_load(tiny_untied_model_dir, tmp_path, shards):
+    """A 4/8-bit load reads the checkpoint with pread (models._load_converting) instead of transformers' mmap, which
+    keeps every page of the full-precision file resident until the load ends. The model must come out the same: same
+    NF4 bytes, same logits, same generation config and name, sharded checkpoints and a reward (sequence
+    classification) model with config kwargs alike."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+
+    from lora_kit.models import _safetensors_files, load_model, quantization_config
+
+    src = tiny_untied_model_dir
+    if shards > 1:  # re-save as 3 shards + index
+        src = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir).save_pretrained(src, max_shard_size="100KB")
+        GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], max_new_tokens=17).save_pretrained(src)
+    assert len(_safetensors_files(str(src))) == (1 if shards == 1 else len(list(src.glob("*.safetensors")))) >= shards
+    ours = load_model(str(src), quantization="4bit", dtype="fp32")
+    usual = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=quantization_config("4bit", torch.float32,
+                                                                                         ["lm_head", "score", "v_head"]))
+    q_ours, q_usual = ours.model.layers[1].mlp.down_proj.weight, usual.model.layers[1].mlp.down_proj.weight
+    assert type(q_ours).__name__ == "Params4bit" and torch.equal(q_ours.data, q_usual.data)
+    assert torch.equal(_logits(ours, ours.config.vocab_size), _logits(usual, ours.config.vocab_size))
+    assert ours.name_or_path == str(src) and ours.generation_config.to_dict() == usual.generation_config.to_dict()
+    rm = load_model(str(src), quantization="4bit", dtype="fp32", model_class=AutoModelForSequenceClassification,
+                    num_labels=1)
+    assert rm.config.num_labels == 1 and rm.score.weight.shape[0] == 1 and type(rm.score) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_qlora_keeps_unquantized_weights_in_bf16_and_upcasts_only_fp16(tiny_untied_model_dir, dtype):
+    """QLoRA in bf16 leaves the embeddings, head and norms in bf16 as plain bf16 LoRA does (peft's fp32 upcast doubled
+    them: +0.5 GB on a 1.1B model); fp16 still gets the upcast, since fp16 overflows. The trained parameters (LoRA,
+    a saved score head) are fp32 master weights either way."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_kit.models import attach_lora, load_model
+    from lora_kit.recipe import LoraArgs
+
+    lora = LoraArgs(r=4, alpha=8, dropout=0.0)
+    model = attach_lora(load_model(str(tiny_untied_model_dir), quantization="4bit", dtype=dtype), lora,
+                        gradient_checkpointing=True)
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base = model.get_base_model()
+    assert {base.model.embed_tokens.weight.dtype, base.lm_head.weight.dtype, base.model.norm.weight.dtype} == {want}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert sum(p.requires_grad for p in model.parameters()) == sum("lora_" in n for n, _ in model.named_parameters())
+    rm = attach_lora(load_model(str(tiny_untied_model_dir), quantization="none", dtype="bf16",
+                                model_class=AutoModelForSequenceClassification, num_labels=1), lora,
+                     modules_to_save=["score"], task_type="SEQ_CLS")
+    score = [p for n, p in rm.named_parameters() if "modules_to_save" in n and "score" in n]
+    assert score and all(p.dtype == torch.float32 and p.requires_grad for p in score)

@@ -40,7 +40,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from trl import DPOConfig, DPOTrainer
 
     from ..data import split_eval
-    from ..models import check_vocab, compute_dtype, load_model
+    from ..models import check_vocab, compute_dtype, freeze_base, load_model
     from ..pairs import read_pairs
     from ..training import final_eval, install_callbacks, open_run, save_run, training_arguments
 
@@ -55,9 +55,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     check_vocab(model, tokenizer, base)
     if cfg.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = freeze_base(model, cfg.gradient_checkpointing)
     targets = cfg.lora.target_modules
     peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
                              target_modules="all-linear" if targets == "all-linear" else

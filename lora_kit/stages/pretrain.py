@@ -124,7 +124,8 @@ def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: s
 # ---------------------------------------------------------------------------------------------------- models
 def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
-    from ..models import attach_lora, attach_token_rows, check_vocab, load_model, token_row_targets
+    from ..models import (attach_lora, attach_token_rows, check_vocab, freeze_base, load_model,
+                          token_row_targets)
 
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        allow_pickle=cfg.allow_pickle)
@@ -132,9 +133,7 @@ def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     rows = phase_rows(cfg, n, new_ids, model.get_input_embeddings().weight.shape[0], base)
     targets = token_row_targets(model, rows) if rows else None
     if n == 1:
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return attach_token_rows(model, targets), rows
+        return attach_token_rows(freeze_base(model, cfg.gradient_checkpointing), targets), rows
     return attach_lora(model, cfg.lora, trainable_token_indices=targets,
                        gradient_checkpointing=cfg.gradient_checkpointing), rows
 
