@@ -241,7 +241,11 @@ def _freed_memory_returned():
     frees one full-precision tensor per weight: a 1.1B 4-bit load ended with 0.6 GB of free heap counted in the RSS.
     Meanwhile every block of 1 MB or more gets its own mapping, given back when freed; afterwards the threshold is
     glibc's own dynamic maximum and the heaps are trimmed. (A small threshold kept for training halves a LoRA run's
-    RSS but costs it 20-27% of its speed here: BENCHMARKS.md "QLoRA memory".) Elsewhere than glibc: nothing."""
+    RSS but costs it 20-27% of its speed here: BENCHMARKS.md "QLoRA memory".) Elsewhere than glibc, or when the user
+    set MALLOC_MMAP_THRESHOLD_ themselves: nothing."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        yield
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt, libc.malloc_trim
