@@ -3,6 +3,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import write_jsonl
 from lora_kit.cli import main
@@ -20,12 +21,14 @@ def synthetic_pairs(n: int, seed: int = 0):
     return rows
 
 
-def test_rm_learns_synthetic_preference(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rm_learns_synthetic_preference(tiny_model_dir, tmp_path, capsys, dtype):
+    """In bf16 the score head is trained as an fp32 master copy over the bf16 base (models._train_in_fp32)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(240))
     out = tmp_path / "rm"
     code = main(["rm", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}", "max_steps=30",
                  "learning_rate=3e-3", "batch_size=8", "save_steps=30", "logging_steps=10", "eval_fraction=0.2",
-                 "lora.r=8", "lora.alpha=16", "dtype=fp32", "warmup_ratio=0"])
+                 "lora.r=8", "lora.alpha=16", f"dtype={dtype}", "warmup_ratio=0"])
     assert code == 0
     run = json.loads((out / "run.json").read_text())
     assert run["stage"] == "rm" and run["held_out_accuracy"] > 0.9
@@ -37,7 +40,8 @@ def test_rm_learns_synthetic_preference(tiny_model_dir, tmp_path, capsys):
         assert (out / name).is_file(), name
     from safetensors.torch import load_file
 
-    assert any("score" in k for k in load_file(out / "adapter_model.safetensors"))
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("score" in k for k in saved) and {t.dtype for t in saved.values()} == {torch.float32}
 
 
 def test_rm_ranked_and_sharegpt_pairs(tmp_path):
