@@ -161,6 +161,9 @@ def quantization_config(quantization: str, dtype: torch.dtype, skip_modules: Opt
     raise LorakitError(f"quantization must be none|4bit|8bit, got '{quantization}'")
 
 
+UNQUANTIZED = ["lm_head", "score", "v_head"]  # heads kept out of bitsandbytes (a resized vocabulary, trained heads)
+
+
 def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", trust_remote_code: bool = False,
                model_class=None, allow_pickle: bool = False, **kwargs):
     """Load a causal LM (or `model_class`) from safetensors only, frozen base weights in the compute dtype.
@@ -171,7 +174,7 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
 
     model_class = model_class or AutoModelForCausalLM
     cdtype = compute_dtype(dtype)
-    qconf = quantization_config(quantization, cdtype, skip_modules=["lm_head", "score", "v_head"])
+    qconf = quantization_config(quantization, cdtype, skip_modules=UNQUANTIZED)
     load_kw = dict(dtype=cdtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle, **kwargs)
     if qconf is not None:
         load_kw["quantization_config"] = qconf
@@ -200,6 +203,9 @@ def _safetensors_files(path: str) -> list[Path]:
     if index.is_file():
         return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else []
+
+
+_LOAD_ONLY = {"dtype", "use_safetensors", "quantization_config", "device_map"}  # from_pretrained's, not the config's
 
 
 def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
@@ -231,8 +237,6 @@ def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
 
-
-_LOAD_ONLY = {"dtype", "use_safetensors", "quantization_config", "device_map"}
 
 
 @contextlib.contextmanager

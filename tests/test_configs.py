@@ -179,7 +179,7 @@ def test_4bit_load_reads_tensors_one_at_a_time_and_equals_the_usual_load(tiny_un
     classification) model with config kwargs alike."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-    from lora_kit.models import _safetensors_files, load_model, quantization_config
+    from lora_kit.models import UNQUANTIZED, _safetensors_files, load_model, quantization_config
 
     src = tiny_untied_model_dir
     if shards > 1:  # re-save as 3 shards + index
@@ -187,10 +187,13 @@ def test_4bit_load_reads_tensors_one_at_a_time_and_equals_the_usual_load(tiny_un
         AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir).save_pretrained(src, max_shard_size="100KB")
         GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], max_new_tokens=17).save_pretrained(src)
     assert len(_safetensors_files(str(src))) == (1 if shards == 1 else len(list(src.glob("*.safetensors")))) >= shards
+    mapped = lambda: {f for f in _safetensors_files(str(src)) if str(f) in Path("/proc/self/maps").read_text()}
     ours = load_model(str(src), quantization="4bit", dtype="fp32")
+    assert not mapped()  # read, never mapped: nothing of the file is left in the address space
     usual = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, device_map={"": "cpu"},
                                                  quantization_config=quantization_config("4bit", torch.float32,
-                                                                                         ["lm_head", "score", "v_head"]))
+                                                                                         UNQUANTIZED))
+    assert mapped()  # (the usual load keeps its unquantized fp32 tensors as views of the mapped file)
     q_ours, q_usual = ours.model.layers[1].mlp.down_proj.weight, usual.model.layers[1].mlp.down_proj.weight
     assert type(q_ours).__name__ == "Params4bit" and torch.equal(q_ours.data, q_usual.data)
     assert torch.equal(_logits(ours, ours.config.vocab_size), _logits(usual, ours.config.vocab_size))
