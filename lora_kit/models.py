@@ -238,7 +238,6 @@ def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
     return model
 
 
-
 @contextlib.contextmanager
 def _freed_memory_returned():
     """glibc keeps freed blocks under its mmap threshold (dynamic, up to 32 MB) in its heaps, and a converting load
