@@ -1,6 +1,11 @@
 """The causal-LM loss of every stage that trains next-token prediction (sft, pretrain): the LM head runs only at
 positions whose next token is trained, over chunks of positions, so the logits of a whole batch (4 x 512 x 69k fp32 =
-566 MB for a vocab-extended SmolLM2) never exist at once; only each chunk's log-softmax is kept for backward.
+566 MB for a vocab-extended SmolLM2) never exist at once.
+
+A frozen plain head (LoRA SFT: the head is not trained) takes the fused path: each chunk's gradient with respect to the
+hidden states is computed right after its loss, in the forward, so no logits outlive their chunk and backward only
+scales the saved n x hidden gradient. A head that trains rows (vocabulary extension) or carries hooks (offloading)
+takes the plain chunked path, where autograd keeps each chunk's log-softmax for backward.
 """
 from __future__ import annotations
 
@@ -13,10 +18,49 @@ from torch.nn.functional import cross_entropy, pad
 CHUNK = 1024
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100 = ignored), for a weight that needs no
+    gradient: d loss / d hidden = (softmax - onehot) @ weight is formed chunk by chunk during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], chunk):
+            t = targets[i: i + chunk]
+            probs = (hidden[i: i + chunk] @ weight.T).float()  # logits, then softmax in place
+            lse = torch.logsumexp(probs, dim=-1)
+            valid = t != -100
+            picked = t.clamp(min=0).unsqueeze(1)
+            loss += ((lse - probs.gather(1, picked).squeeze(1)) * valid).sum()
+            probs.sub_(lse.unsqueeze(1)).exp_()
+            probs.scatter_add_(1, picked, torch.full_like(lse, -1.0).unsqueeze(1))
+            if not valid.all():  # (sft and pretrain pass trained positions only: no pass over the chunk here)
+                probs[~valid] = 0
+            grad[i: i + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
+
+
+def _frozen_plain(head) -> bool:
+    """A bias-free nn.Linear whose weight is an ordinary frozen tensor and whose forward nothing wraps."""
+    weight = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and head.bias is None and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and not weight.requires_grad and not head._forward_hooks and not head._forward_pre_hooks
+            and not hasattr(head, "_hf_hook"))
+
+
 def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
     """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n), `chunk` positions at a time."""
     weight = getattr(head, "weight", None)  # accelerate returns fp32 outputs from a bf16 model; the head wants its own
     hidden = hidden.to(weight.dtype) if weight is not None else hidden
+    if _frozen_plain(head) and hidden.requires_grad:
+        return _FrozenHeadLoss.apply(hidden, weight, targets, chunk)
     return sum(cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], ignore_index=-100,
                              reduction="sum") for i in range(0, hidden.shape[0], chunk))
 

@@ -1,6 +1,6 @@
-"""The shared LM-head loss (`lora_kit.lmloss`): chunked, recomputed head + cross-entropy gives the model's own loss
-and gradients, for pretraining's every-position labels and SFT's masked ones, with trainable embedding rows (tied and
-untied heads) and LoRA."""
+"""The shared LM-head loss (`lora_kit.lmloss`): chunked head + cross-entropy gives the model's own loss and gradients,
+for pretraining's every-position labels and SFT's masked ones, with trainable embedding rows (tied and untied heads,
+the plain chunked path) and with LoRA alone (frozen head, the fused path)."""
 from functools import partial
 from types import SimpleNamespace
 
@@ -18,6 +18,12 @@ def model_for(path, phase):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
+    if phase == 0:  # LoRA SFT: the head stays frozen
+        model = attach_lora(model, LoraArgs(r=4, alpha=8, dropout=0.0))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        return model
     rows = token_row_targets(model, list(range(10, 30)))
     if phase == 1:
         return attach_token_rows(model, rows)
@@ -28,12 +34,13 @@ def model_for(path, phase):
     return model
 
 
-@pytest.mark.parametrize("phase", [1, 2])
+@pytest.mark.parametrize("phase", [0, 1, 2])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied_model_dir, monkeypatch, phase, tied,
                                                       masked):
     model = model_for(tiny_model_dir if tied else tiny_untied_model_dir, phase)
+    assert lmloss._frozen_plain(model.get_output_embeddings()) == (phase == 0)  # which path this case exercises
     torch.manual_seed(0)
     ids = torch.randint(0, 400, (3, 40))
     labels = ids.clone()
@@ -43,6 +50,23 @@ def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied
     monkeypatch.setattr(lmloss, "CHUNK", 16)  # several chunks, the last one partial
     trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
     assert_loss_and_grads_match_the_models_own(partial(lmloss.Trainer.compute_loss, trainer), model, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_frozen_head_equals_cross_entropy_over_full_logits(dtype):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False, dtype=dtype).requires_grad_(False)
+    hidden = torch.randn(37, 24, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 300, (37,))
+    targets[[3, 10, 36]] = -100  # ignored positions carry no loss and no gradient
+    ours = lmloss.head_loss_sum(head, hidden, targets, chunk=8) * 0.5
+    (g_ours,) = torch.autograd.grad(ours, hidden)
+    theirs = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum") * 0.5
+    (g_theirs,) = torch.autograd.grad(theirs, hidden)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours, theirs, **tol)
+    torch.testing.assert_close(g_ours, g_theirs, **tol)
+    assert g_ours.dtype == dtype and g_ours[[3, 10, 36]].abs().max() == 0 and g_ours.abs().max() > 0
 
 
 @pytest.mark.parametrize("extra", [["dtype=bf16"], ["dtype=bf16", "quantization=4bit"]])
