@@ -1,8 +1,12 @@
-"""Pretraining's LM-head loss, plain vs chunked (`lora_kit.lmloss`): peak RSS growth and time of a forward+backward on
-SmolLM2-135M with its vocabulary extended to 69,152 rows (as `lorakit extend-vocab` leaves it), LoRA r8 all-linear plus
-the 20,000 new embedding rows trainable (pretrain phase 2), batch 4 x block_size random tokens, every position trained.
+"""The LM-head loss, plain vs chunked vs fused (`lora_kit.lmloss`): peak RSS growth and time of a forward+backward,
+batch 4 x block_size random tokens, every position trained, on SmolLM2-135M with LoRA r8 all-linear and
+- `--head rows` (default): its vocabulary extended to 69,152 rows (as `lorakit extend-vocab` leaves it) and the 20,000
+  new rows trainable (pretrain phase 2); the head trains rows, so lmloss takes its plain chunked path;
+- `--head frozen`: the vocabulary as shipped (49,152) and the head frozen (LoRA SFT), where lmloss takes its fused path;
+  mode `chunked` there forces the plain chunked path for comparison.
+Modes: plain = the model's own loss; chunked / fused = lmloss's two paths.
 Each case runs in a fresh process (glibc returns freed blocks >= 64 KiB, so freed tensors leave the RSS).
-Run: python benchmarks/lm_loss_memory.py [--blocks 256,512] [--steps 3]
+Run: python benchmarks/lm_loss_memory.py [--blocks 256,512] [--steps 3] [--head frozen --modes plain,chunked,fused]
 """
 from __future__ import annotations
 
@@ -25,21 +29,29 @@ def rss_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def child(mode: str, block: int, steps: int) -> dict:
+def child(mode: str, block: int, steps: int, head: str) -> dict:
     import torch
 
+    from lora_kit import lmloss
     from lora_kit.lmloss import Trainer
     from lora_kit.models import attach_lora, load_model, resolve_model
     from lora_kit.recipe import LoraArgs
 
     torch.manual_seed(0)
     model = load_model(resolve_model("smollm2-135m"), dtype="fp32")
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(ROWS, mean_resizing=False)
+    old = rows = model.get_input_embeddings().weight.shape[0]
+    if head == "rows":
+        rows = ROWS
+        model.resize_token_embeddings(ROWS, mean_resizing=False)
     model.config.use_cache = False
     model = attach_lora(model, LoraArgs(r=8, alpha=32, dropout=0.0, target_modules="all-linear"),
-                        trainable_token_indices=list(range(old, ROWS)))
-    ids = torch.randint(0, ROWS, (4, block))
+                        trainable_token_indices=list(range(old, ROWS)) if head == "rows" else None)
+    fused = lmloss._frozen_plain(model.get_output_embeddings())
+    if mode == "fused" and not fused:
+        raise SystemExit("mode fused needs --head frozen")
+    if mode == "chunked":
+        lmloss._frozen_plain = lambda head: False
+    ids = torch.randint(0, rows, (4, block))
     inputs = {"input_ids": ids, "labels": ids.clone()}
     fake = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
 
@@ -67,17 +79,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--modes", default="plain,chunked")
+    p.add_argument("--head", choices=("rows", "frozen"), default="rows")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.head)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     print(f"{'block':>5} {'mode':<8} {'loss':>8} {'step s':>7} {'peak growth MiB':>16} {'peak RSS MiB':>13}")
     for block in map(int, args.blocks.split(",")):
         for _ in range(args.repeats):
             for mode in args.modes.split(","):  # interleaved
-                r = subprocess.run([sys.executable, __file__, "--child", mode, str(block), "--steps", str(args.steps)],
+                r = subprocess.run([sys.executable, __file__, "--child", mode, str(block), "--steps", str(args.steps),
+                                    "--head", args.head],
                                    check=True, capture_output=True, text=True, env=env)
                 d = json.loads(r.stdout.strip().splitlines()[-1])
                 print(f"{block:>5} {mode:<8} {d['loss']:>8.4f} {d['step_s']:>7.2f} {d['peak_growth_mb']:>16.0f} "
