@@ -97,8 +97,8 @@ def prepare(work: Path) -> None:
 def one_run(w, tool: str, mode: str, quant: str, index: int) -> dict:
     name = f"{tool}-{mode}-{quant}-{index}"
     out, result, log = w.dir / "runs" / name, w.dir / f"{name}.json", w.dir / f"{name}.log"
-    cmd = [python_of(tool), str(HERE / "peers" / "measure.py"), "--result", str(result), "--",
-           *COMMANDS[tool](w, mode, quant, out)]
+    cmd = [python_of(tool), str(HERE / "peers" / "measure.py"), "--result", str(result),
+           *(["--profile", str(w.profile)] if w.profile else []), "--", *COMMANDS[tool](w, mode, quant, out)]
     if w.lock:
         cmd = ["flock", w.lock, *cmd]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -159,6 +159,25 @@ def report(w, results: list[dict]) -> None:
                              f"{med['lorakit']['mem'] / m['mem']:.2f}x")
                 print(f"  {tool:<13}{m['tokens_per_s']:>9.1f}{m['tokens']:>8.0f}{m['fill']:>6.2f}{m['train_s']:>9.1f}"
                       f"{m['wall_s']:>8.1f}{m['mem']:>14.0f}{m['final_loss']:>11.4f}  {ratio}")
+            if w.profile:
+                profiles(w, [r for r in results if (r["mode"], r["quant"]) == (mode, quant) and r.get("profile")])
+
+
+def profiles(w, runs: list[dict], top: int = 16) -> None:
+    """Side by side: each tool's self CPU seconds per forward+backward in the ops that cost any tool the most."""
+    by_tool = {}
+    for r in runs:  # the first run of each tool
+        by_tool.setdefault(r["tool"], {name: (s, n) for name, s, n in r["profile"]["ops"]} | {
+            "(all ops)": (r["profile"]["self_s_per_step"], 0)})
+    if not by_tool:
+        return
+    names = sorted({n for ops in by_tool.values() for n in ops}, key=lambda n: -max(o.get(n, (0, 0))[0]
+                                                                                    for o in by_tool.values()))
+    print(f"  profile: self CPU s per training step (forward+backward, {w.profile} steps after 2; calls per step)")
+    print(f"  {'op':<44}" + "".join(f"{t:>22}" for t in by_tool))
+    for name in names[:top + 1]:
+        cells = [f"{ops[name][0]:8.3f} ({ops[name][1]:>5})" if name in ops else f"{'-':>16}" for ops in by_tool.values()]
+        print(f"  {name[:44]:<44}" + "".join(f"{c:>22}" for c in cells))
 
 
 def main() -> None:
@@ -174,6 +193,9 @@ def main() -> None:
     p.add_argument("--lock", default="/tmp/lorakit-heavy.lock", help="flock this file around each run ('' = none)")
     p.add_argument("--work", help="keep configs, logs and results here (default: a new temporary directory)")
     p.add_argument("--json", help="also write every run's measurements here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N training steps of each run (after 2) and print the top ops side by side; "
+                        "the profiler slows those runs, so take speed figures from runs without it")
     w = p.parse_args()
     w.modes, w.quants, w.tools = w.modes.split(","), w.quant.split(","), w.tools.split(",")
     if not DATA.is_file():

@@ -4,10 +4,13 @@ actually consumed, whatever collator, packing or template the tool uses.
 
     python measure.py --result OUT.json -- -m lora_kit.cli sft ...      (a module, like python -m)
     python measure.py --result OUT.json -- script.py args ...           (a script)
+    python measure.py --result OUT.json --profile 3 -- ...              (also profile 3 training steps after 2)
 
 Writes OUT.json: non-padding tokens consumed, training time (first to last optimizer step's end, i.e. `train()`),
 wall time of the whole command, peak RSS (this process and its children: datasets map workers), CUDA peak allocated
-memory, per-step losses. Uses only the standard library and transformers, so it runs in each tool's own venv.
+memory, per-step losses; with --profile N, the self CPU time of the top torch ops over N forward+backward passes
+(`Trainer.training_step`, after two warm-up steps; the profiler slows those steps, so such a run's speed is not a
+figure). Uses only the standard library and transformers, so it runs in each tool's own venv.
 
 Non-padding tokens, per batch: with a 2-D attention mask, its non-zero entries (LLaMA-Factory's neat_packing puts
 segment numbers 1, 2, ... there); otherwise (packed rows with position_ids, padding-free rows, 4-D masks) each row's
@@ -49,17 +52,38 @@ def _pad_id(trainer):
     return getattr(getattr(model, "config", None), "pad_token_id", None)
 
 
-def install(stats: dict) -> None:
+WARMUP = 2  # training steps before profiling starts
+
+
+def profiled(prof, steps: int) -> dict:
+    """The top ops by self CPU time, in seconds per profiled step."""
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6 / steps
+    return {"steps": steps, "self_s_per_step": total,
+            "ops": [[e.key, e.self_cpu_time_total / 1e6 / steps, e.count // steps] for e in ops[:40]]}
+
+
+def install(stats: dict, profile_steps: int = 0) -> None:
     import transformers
 
     step, train = transformers.Trainer.training_step, transformers.Trainer.train
+    prof = []
 
     def training_step(self, model, inputs, *args, **kwargs):
         stats["tokens"] += count_tokens(inputs, _pad_id(self))
         stats["rows"] += int(inputs["input_ids"].shape[0])
         stats["padded_positions"] += int(inputs["input_ids"].numel())
+        done = len(stats["losses"])
+        if profile_steps and done == WARMUP:
+            import torch
+
+            prof.append(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+            prof[0].__enter__()
         loss = step(self, model, inputs, *args, **kwargs)
         stats["losses"].append(float(loss.detach().float().mean()))
+        if prof and done + 1 == WARMUP + profile_steps:
+            prof[0].__exit__(None, None, None)
+            stats["profile"] = profiled(prof[0], profile_steps)
         return loss
 
     def timed_train(self, *args, **kwargs):
@@ -75,12 +99,15 @@ def install(stats: dict) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
+    profile_steps = 0
+    if len(argv) > 4 and argv[2] == "--profile":
+        profile_steps, argv = int(argv[3]), argv[:2] + argv[4:]
     if len(argv) < 3 or argv[0] != "--result" or argv[2] != "--":
         sys.exit(__doc__)
     result, target = argv[1], argv[3:]
     stats = {"tokens": 0, "rows": 0, "padded_positions": 0, "losses": [], "train_s": None}
     start = time.perf_counter()
-    install(stats)
+    install(stats, profile_steps)
     code = 0
     try:
         if target[0] == "-m":
