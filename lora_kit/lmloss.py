@@ -4,8 +4,9 @@ positions whose next token is trained, over chunks of positions, so the logits o
 
 A frozen plain head (LoRA SFT: the head is not trained) takes the fused path: each chunk's gradient with respect to the
 hidden states is computed right after its loss, in the forward, so no logits outlive their chunk and backward only
-scales the saved n x hidden gradient. A head that trains rows (vocabulary extension) or carries hooks (offloading)
-takes the plain chunked path, where autograd keeps each chunk's log-softmax for backward.
+scales the saved n x hidden gradient. A head that trains rows (vocabulary extension), has a bias, carries hooks
+(accelerate offload, DeepSpeed ZeRO-3) or a sharded weight (FSDP2) takes the plain chunked path, where autograd keeps
+each chunk's log-softmax for backward.
 """
 from __future__ import annotations
 
