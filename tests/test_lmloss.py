@@ -18,13 +18,7 @@ def model_for(path, phase):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
-    if phase == 0:  # LoRA SFT: the head stays frozen
-        model = attach_lora(model, LoraArgs(r=4, alpha=8, dropout=0.0))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
-        return model
-    rows = token_row_targets(model, list(range(10, 30)))
+    rows = token_row_targets(model, list(range(10, 30))) if phase else None  # phase 0, LoRA SFT: the head stays frozen
     if phase == 1:
         return attach_token_rows(model, rows)
     model = attach_lora(model, LoraArgs(r=4, alpha=8, dropout=0.0), trainable_token_indices=rows)
