@@ -207,7 +207,7 @@ def main() -> None:
             sys.exit(f"{tool}: no venv at {BENCH_HOME / tool}; run with --setup (or bash benchmarks/setup_peers.sh)")
     import torch
 
-    from lora_kit.models import resolve_model
+    from lora_kit.models.load import resolve_model
 
     w.model, w.cuda = resolve_model("smollm2-135m"), torch.cuda.is_available()
     w.dir = Path(w.work or tempfile.mkdtemp(prefix="compare-peers-")).resolve()

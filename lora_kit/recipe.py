@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 RECIPE_SOURCE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -95,7 +95,7 @@ def recipe_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
-def _header(path: Path) -> tuple[str, str]:
+def recipe_header(path: Path) -> tuple[str, str]:
     """(stage, description) from the recipe's first two comment lines: `# lorakit STAGE --recipe NAME`, `# text`."""
     lines = [l[1:].strip() for l in path.read_text(encoding="utf-8").splitlines()[:2] if l.startswith("#")]
     words = lines[0].split() if lines else []
@@ -108,7 +108,7 @@ def list_recipes() -> list[tuple[str, str, str, Path]]:
     for d in recipe_dirs():
         for p in sorted(d.glob("*.yaml")):
             if p.stem not in seen:
-                seen[p.stem] = (p.stem, *_header(p), p)
+                seen[p.stem] = (p.stem, *recipe_header(p), p)
     return sorted(seen.values())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Segment = tuple[str, bool]  # (text, trained)

@@ -84,7 +84,7 @@ def tiny_untied_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct (converted once into LORAKIT_HOME). Skips if the package is missing."""
-    from lora_kit.models import resolve_model
+    from lora_kit.models.load import resolve_model
 
     try:
         return Path(resolve_model("smollm2-135m"))

@@ -98,7 +98,7 @@ def test_deepspeed_autos_are_filled_from_a_recipe(path, dtype, tmp_path):
     """
     from lora_kit.recipe import load_config
     from lora_kit.stages import sft
-    from lora_kit.training import training_arguments
+    from lora_kit.training.run import training_arguments
 
     cfg = load_config(sft.Config, "alpaca_zh", [f"output_dir={tmp_path}", "batch_size=3", "grad_accum=5",
                                                  "max_grad_norm=0.5"])
@@ -144,7 +144,8 @@ def test_fsdp_qlora_config_and_quant_storage(tiny_model_dir):
     attach_lora must leave the norms in that dtype instead of upcasting them to fp32."""
     import bitsandbytes as bnb
 
-    from lora_kit.models import attach_lora, load_model, quantization_config
+    from lora_kit.models.lora import attach_lora
+    from lora_kit.models.load import load_model, quantization_config
     from lora_kit.recipe import LoraArgs
 
     plugin, env = fsdp_plugin("fsdp_qlora")
@@ -179,7 +180,7 @@ def test_4bit_load_reads_tensors_one_at_a_time_and_equals_the_usual_load(tiny_un
     classification) model with config kwargs alike."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-    from lora_kit.models import UNQUANTIZED, _safetensors_files, load_model, quantization_config
+    from lora_kit.models.load import UNQUANTIZED, _safetensors_files, load_model, quantization_config
 
     src = tiny_untied_model_dir
     if shards > 1:  # re-save as 3 shards + index
@@ -210,7 +211,8 @@ def test_qlora_keeps_unquantized_weights_in_bf16_and_upcasts_only_fp16(tiny_unti
     a saved score head) are fp32 master weights either way."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_kit.models import attach_lora, load_model
+    from lora_kit.models.lora import attach_lora
+    from lora_kit.models.load import load_model
     from lora_kit.recipe import LoraArgs
 
     lora = LoraArgs(r=4, alpha=8, dropout=0.0)

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
-from lora_kit.data import Collator, conversations, pack, read_records, tokenize_conversations
+from lora_kit.data.records import Collator, conversations, pack, read_records, tokenize_conversations
 from lora_kit.errors import LorakitError
 from lora_kit.templates import TEMPLATES, encode, resolve
 
@@ -140,8 +140,8 @@ def test_data_check_lists_every_problem(tmp_path, capsys):
 
 
 def test_bundled_tasks_rebuild_identically(tmp_path):
-    from lora_kit.data import BUNDLED_DIR
-    from lora_kit.zh_tasks import build
+    from lora_kit.data.records import BUNDLED_DIR
+    from lora_kit.data.zh_tasks import build
 
     counts = build(tmp_path, sample_file=BUNDLED_DIR / "alpaca_zh_sample.jsonl")
     assert counts["zh_sentiment_test"] == 200 and counts["zh_sentiment_train"] == 1600

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from conftest import write_jsonl
 from lora_kit.cli import main
-from lora_kit.data import BUNDLED_DIR
-from lora_kit.datacmd import check
+from lora_kit.data.records import BUNDLED_DIR
+from lora_kit.data.check import check
 
 BAD_PAIRS = [
     {"instruction": "q", "chosen": "a", "rejected": "b"},  # 1 fine

@@ -179,7 +179,7 @@ def test_accelerate_launch_with_the_bundled_ddp_config(two_proc, tiny_model_dir,
 
 
 def test_launcher_strips_nproc_and_propagates_the_exit_code(tiny_model_dir, tmp_path, env):
-    from lora_kit.launch import strip_nproc, torchrun_command
+    from lora_kit.training.launch import strip_nproc, torchrun_command
 
     assert strip_nproc(["sft", "--nproc", "2", "a=1", "--nproc=3", "--dry-run"]) == ["sft", "a=1", "--dry-run"]
     cmd = torchrun_command(2, ["sft", "--nproc", "2", "x=1"])

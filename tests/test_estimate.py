@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_kit.errors import LorakitError
-from lora_kit.estimate import GIB, KNOWN, Setup, Shape, estimate, load_shape
+from lora_kit.models.estimate import GIB, KNOWN, Setup, Shape, estimate, load_shape
 
 # LLaMA configs as written in the published config.json files (there is no hub here).
 LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
@@ -29,7 +29,7 @@ def test_parameter_counts_match_the_published_sizes():
 def test_counts_agree_with_a_real_model_and_peft(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lora_kit.models import attach_lora, count_parameters
+    from lora_kit.models.lora import attach_lora, count_parameters
     from lora_kit.recipe import LoraArgs
 
     shape, source = load_shape(str(tiny_model_dir))

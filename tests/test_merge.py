@@ -91,7 +91,7 @@ def test_shards_and_bf16(tiny_untied_model_dir, tmp_path):
 
 def test_qlora_adapter_merges_into_full_precision_base(tiny_untied_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from lora_kit.models import load_model
+    from lora_kit.models.load import load_model
 
     try:
         q = load_model(str(tiny_untied_model_dir), quantization="4bit", dtype="fp32")

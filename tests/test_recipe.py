@@ -3,7 +3,8 @@ import importlib
 
 import pytest
 
-from lora_kit.cli import BY_NAME, main
+from lora_kit.cli import main
+from lora_kit.commands import BY_NAME
 from lora_kit.errors import LorakitError
 from lora_kit.recipe import list_recipes, load_config
 from lora_kit.stages.sft import Config

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_kit.cli import main
-from lora_kit.data import Record, conversations
+from lora_kit.data.records import Record, conversations
 from lora_kit.errors import LorakitError
 
 
@@ -197,7 +197,7 @@ def test_full_disk_merge_leaves_the_previous_output_untouched(tiny_untied_model_
 
 
 def test_full_disk_training_stops_cleanly_and_resumes(tiny_model_dir, tmp_path, capsys):
-    from lora_kit.training import newest_checkpoint
+    from lora_kit.training.run import newest_checkpoint
 
     disk = SmallDisk(tmp_path / "disk", 512 * 1024, file_limit=64 * 1024)
     try:
@@ -239,7 +239,7 @@ def test_random_records_never_raise_anything_but_a_user_error(recs, fmt):
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_in_a_data_file_never_traceback(tmp_path_factory, blob):
-    from lora_kit.data import read_records
+    from lora_kit.data.records import read_records
 
     f = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
     f.write_bytes(blob)

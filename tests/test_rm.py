@@ -45,7 +45,7 @@ def test_rm_learns_synthetic_preference(tiny_model_dir, tmp_path, capsys, dtype)
 
 
 def test_rm_ranked_and_sharegpt_pairs(tmp_path):
-    from lora_kit.pairs import read_pairs
+    from lora_kit.data.pairs import read_pairs
 
     ranked = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "q", "responses": ["A", "B", "C", "D"]}])
     pairs = read_pairs(str(ranked))[0]

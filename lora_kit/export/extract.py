@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorakitError
-from ..models import resolve_model
-from ..outputs import atomic_dir, read_run, run_info, write_json
-from .common import Checkpoint, Lora, write_adapter
-from .merge import check_output
+from lora_kit.errors import LorakitError
+from lora_kit.models.load import resolve_model
+from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
+from lora_kit.export.common import Checkpoint, Lora, write_adapter
+from lora_kit.export.merge import check_output
 
 EXACT_SVD_MAX = 4096  # above this smaller dimension a randomised SVD (torch.svd_lowrank) is used
 
@@ -116,7 +116,7 @@ def main(args) -> int:
 
 def _check(base_dir: Path, tuned_dir: Path, adapter_dir: Path) -> float:
     """Max |logits(base + extracted adapter) − logits(tuned)| on the probe batch (reported; low rank is approximate)."""
-    from .verify import model_logits, probe_batch, reference_logits
+    from lora_kit.export.verify import model_logits, probe_batch, reference_logits
 
     tok = None
     if any(tuned_dir.glob("tokenizer*")):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LorakitError
-from .common import Checkpoint
+from lora_kit.errors import LorakitError
+from lora_kit.export.common import Checkpoint
 
 ARCHES = {"llama": "LLAMA", "mistral": "LLAMA"}  # model_type -> gguf.MODEL_ARCH member (same tensor layout)
 CHECK_LOGITS_MAX_BYTES = 2 * 10**9  # the transformers GGUF loader holds the whole model dequantized in fp32
@@ -179,7 +179,7 @@ def check_gguf(path: Path, src: Path, plan, names) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    from .verify import model_logits, probe_batch
+    from lora_kit.export.verify import model_logits, probe_batch
 
     ids = probe_batch(None, ckpt.meta(next(k for k, _ in plan if k.endswith("embed_tokens.weight")))[0][0], [])
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

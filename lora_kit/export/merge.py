@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorakitError
-from ..outputs import atomic_dir, run_info, write_json
-from .common import (DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, bound_allocator, find_base, new_token_ids,
-                     parse_size, read_adapter, release_memory, tensor_nbytes, write_safetensors_stream)
+from lora_kit.errors import LorakitError
+from lora_kit.rundir import atomic_dir, run_info, write_json
+from lora_kit.export.common import DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, bound_allocator, find_base, new_token_ids, parse_size, read_adapter, release_memory, tensor_nbytes, write_safetensors_stream
 
 
 def add_arguments(p) -> None:
@@ -61,7 +60,7 @@ def main(args) -> int:
             info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
                         task_type=task, verification=result)
             if args.format == "gguf":
-                from .gguf import export_gguf
+                from lora_kit.export.gguf import export_gguf
 
                 gguf_file = export_gguf(work, tmp, args.gguf_type)
                 info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type)
@@ -163,7 +162,7 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
 def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok,
            loaded: list[Adapter]) -> dict:
     """Logits of the merged model against base + adapters (PEFT, unmerged) on a probe batch; fails outside tolerance."""
-    from .verify import compare, model_logits, probe_batch, reference_logits
+    from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits
 
     rows = json.loads((merged / "config.json").read_text())["vocab_size"]
     ids = probe_batch(tok, rows, new_token_ids(adapters))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorakitError
-from ..outputs import atomic_dir, read_run, run_info, write_json
-from .common import (Adapter, Checkpoint, Lora, adapter_tokenizer_dir, find_base, new_token_ids, read_adapter,
-                     write_adapter)
-from .merge import check_output
+from lora_kit.errors import LorakitError
+from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
+from lora_kit.export.common import Adapter, Checkpoint, Lora, adapter_tokenizer_dir, find_base, new_token_ids, read_adapter, write_adapter
+from lora_kit.export.merge import check_output
 
 
 def add_arguments(p) -> None:

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import LorakitError
-from .common import Checkpoint, release_memory
+from lora_kit.errors import LorakitError
+from lora_kit.export.common import Checkpoint, release_memory
 
 PROBE_TEXT = "今天天气很好，我们去公园散步吧。大语言模型的中文能力来自词表扩充和继续预训练。The quick brown fox, 2024."
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # × max(1, max |logit|)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LorakitError
-from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.errors import LorakitError
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 def render_pairs(groups, tokenizer, template) -> list[dict]:
     """{prompt, chosen, rejected} as text in the training template: the prompt ends with the assistant prefix, each
     answer carries the end-of-turn marker (trailing whitespace dropped so TRL does not append a second EOS)."""
-    from ..templates import segments
+    from lora_kit.templates import segments
 
     rows = []
     for group in groups:
@@ -39,10 +39,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from ..data import split_eval
-    from ..models import check_vocab, compute_dtype, freeze_base, load_model
-    from ..pairs import read_pairs
-    from ..training import final_eval, install_callbacks, open_run, save_run, training_arguments
+    from lora_kit.data.records import split_eval
+    from lora_kit.models.load import check_vocab, compute_dtype, load_model
+    from lora_kit.models.lora import freeze_base
+    from lora_kit.data.pairs import read_pairs
+    from lora_kit.training.run import final_eval, install_callbacks, open_run, save_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)

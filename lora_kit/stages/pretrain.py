@@ -15,8 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-from ..errors import LorakitError
-from ..recipe import LoraArgs, ModelArgs, arg, section
+from lora_kit.errors import LorakitError
+from lora_kit.recipe import LoraArgs, ModelArgs, arg, section
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -82,9 +82,9 @@ def _phase_settings(cfg: Config, n: int, out: Path) -> SimpleNamespace:
 def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int, Optional[str]]]:
     """(OUT, phases to train, checkpoint to resume per phase). All refusals happen here, before anything loads;
     force=true clears the checkpoints of the phases it retrains (not on a dry run)."""
-    from ..training import newest_checkpoint
-    from ..outputs import is_finished
-    from ..training import prepare_output
+    from lora_kit.training.run import newest_checkpoint
+    from lora_kit.rundir import is_finished
+    from lora_kit.training.run import prepare_output
 
     phases = sorted(set(cfg.phases))
     if not phases or any(n not in (1, 2) for n in phases):
@@ -124,8 +124,8 @@ def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: s
 # ---------------------------------------------------------------------------------------------------- models
 def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
-    from ..models import (attach_lora, attach_token_rows, check_vocab, freeze_base, load_model,
-                          token_row_targets)
+    from lora_kit.models.lora import attach_lora, attach_token_rows, freeze_base, token_row_targets
+    from lora_kit.models.load import check_vocab, load_model
 
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        allow_pickle=cfg.allow_pickle)
@@ -172,7 +172,7 @@ def continue_rows(model, src: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
-    from ..bpc import score_documents
+    from lora_kit.evaluate.bpc import score_documents
 
     if not docs:
         return {}
@@ -186,7 +186,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    from ..training import is_main_process
+    from lora_kit.training.run import is_main_process
 
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,11 +198,11 @@ def _append(path: Path, row: dict) -> None:
 def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
                 base: str, new_ids: list[int], rows: list[int]) -> dict:
     """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
-    from ..lmloss import Trainer  # chunked LM-head loss: the vocabulary-sized logits never all exist at once
-    from ..models import compute_dtype
-    from ..outputs import read_run
-    from ..textdata import collate_blocks
-    from ..training import install_callbacks, save_run, training_arguments
+    from lora_kit.training.loss import Trainer
+    from lora_kit.models.load import compute_dtype
+    from lora_kit.rundir import read_run
+    from lora_kit.data.text import collate_blocks
+    from lora_kit.training.run import install_callbacks, save_run, training_arguments
 
     d, settings = phase_dir(out, n), _phase_settings(cfg, n, out)
     metrics = d / "metrics.jsonl"
@@ -274,9 +274,9 @@ def _mb(n: int) -> str:
 def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], chain: list[int]) -> Path:
     """OUT's root: the last phase's adapter, tokenizer, recipe.yaml, both phases' metrics (phase 2 steps continue
     phase 1's), loss.png, and run.json (written last) with bits/char at every point and each phase's tokens/s."""
-    from ..outputs import read_run, run_info, write_json, write_text
-    from ..recipe import dump_yaml
-    from ..training import is_main_process, plot_metrics
+    from lora_kit.rundir import read_run, run_info, write_json, write_text
+    from lora_kit.recipe import dump_yaml
+    from lora_kit.training.run import is_main_process, plot_metrics
 
     if not is_main_process():
         return out
@@ -311,9 +311,10 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
 def run(cfg: Config, dry_run: bool = False) -> Path:
     from transformers import set_seed
 
-    from ..models import count_parameters, load_tokenizer, resolve_model
-    from ..outputs import is_finished, read_run
-    from ..textdata import BlockDataset, Corpus
+    from lora_kit.models.lora import count_parameters
+    from lora_kit.models.load import load_tokenizer, resolve_model
+    from lora_kit.rundir import is_finished, read_run
+    from lora_kit.data.text import BlockDataset, Corpus
 
     out, todo, ckpts = plan(cfg, dry_run)
     chain = sorted(set(cfg.phases))

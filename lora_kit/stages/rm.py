@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LorakitError
-from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.errors import LorakitError
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "truncate") -> tuple[list[dict], int]:
     """{chosen_ids, rejected_ids} rendered like a conversation ending in the answer (the same text PPO scores)."""
-    from ..templates import encode
+    from lora_kit.templates import encode
 
     rows, dropped = [], 0
     for group in groups:
@@ -43,7 +43,7 @@ def load_reward_model(base: str, cfg, tokenizer):
     non-pad token)."""
     from transformers import AutoModelForSequenceClassification
 
-    from ..models import load_model
+    from lora_kit.models.load import load_model
 
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        model_class=AutoModelForSequenceClassification, num_labels=1)
@@ -56,10 +56,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from ..data import split_eval
-    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters
-    from ..pairs import read_pairs
-    from ..training import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
+    from lora_kit.data.records import split_eval
+    from lora_kit.models.lora import attach_lora, count_parameters
+    from lora_kit.models.load import check_vocab, compute_dtype
+    from lora_kit.data.pairs import read_pairs
+    from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)

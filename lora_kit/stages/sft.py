@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import LorakitError
-from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.errors import LorakitError
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 def prepare_data(cfg, tokenizer, template):
     """(train rows, eval rows, stats) from the recipe's data: validated, tokenized, masked, optionally packed."""
-    from ..data import batch_padding, conversations, pack, read_records, split_eval, tokenize_conversations
+    from lora_kit.data.records import batch_padding, conversations, pack, read_records, split_eval, tokenize_conversations
 
     records = read_records(cfg.data)
     if cfg.max_samples:
@@ -57,11 +57,12 @@ class Job:
 def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
     from transformers import set_seed
 
-    from ..data import Collator
-    from ..lmloss import Trainer
-    from ..models import attach_lora, check_vocab, compute_dtype, count_parameters, load_model
-    from ..outputs import read_run
-    from ..training import install_callbacks, open_run, training_arguments
+    from lora_kit.data.records import Collator
+    from lora_kit.training.loss import Trainer
+    from lora_kit.models.lora import attach_lora, count_parameters
+    from lora_kit.models.load import check_vocab, compute_dtype, load_model
+    from lora_kit.rundir import read_run
+    from lora_kit.training.run import install_callbacks, open_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
@@ -95,7 +96,7 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    from ..training import save_run
+    from lora_kit.training.run import save_run
 
     job = setup(cfg, dry_run)
     if job is None:

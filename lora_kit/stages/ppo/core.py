@@ -35,8 +35,8 @@ def init_processes() -> tuple[int, int]:
     PartialState, with gloo on CPU (training.training_arguments' ddp_backend). Returns (rank, world size)."""
     import os
 
-    from .errors import LorakitError
-    from .models import device, sharded_by_fsdp
+    from lora_kit.errors import LorakitError
+    from lora_kit.models.load import device, sharded_by_fsdp
 
     if sharded_by_fsdp() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         raise LorakitError("ppo runs data-parallel only (each process holds the whole model); launch it with --nproc "

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -174,7 +174,7 @@ class Roles:
         """Sum the trainable parameters' gradients over the ranks, in one flat all_reduce. Each rank's loss is
         already divided by the token count of the whole global batch, so the sum is the global batch's gradient and
         every rank then takes the identical clipping and AdamW step."""
-        from .ppo_core import all_sum, world
+        from lora_kit.stages.ppo.core import all_sum, world
 
         if world()[1] == 1:
             return

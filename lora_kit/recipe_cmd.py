@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--show NAME."""
     p.add_argument("--show", metavar="NAME", help="print a recipe's resolved keys with their help text")
 
 
 def main(args) -> int:
-    from .cli import BY_NAME
-    from .recipe import _header, describe, find_recipe, list_recipes, load_config, to_dict
+    """List the recipes, or print one's resolved keys."""
+    from lora_kit.commands import stage_module
+    from lora_kit.recipe import describe, find_recipe, list_recipes, load_config, recipe_header, to_dict
 
     if not args.show:
         rows = list_recipes()
@@ -20,8 +21,8 @@ def main(args) -> int:
             print(f"{name:<{width}}  lorakit {stage:<8}  {desc}")
         return 0
     path = find_recipe(args.show)
-    stage = _header(path)[0]
-    config_cls = importlib.import_module(BY_NAME[stage].module).Config
+    stage = recipe_header(path)[0]
+    config_cls = stage_module(stage).Config
     config = load_config(config_cls, str(path))
     print(f"# {path}  (lorakit {stage})")
     flat = {}

@@ -13,10 +13,12 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from . import vocab_bpe, vocab_check, vocab_sp
-from .corpora import iter_lines
-from .errors import LorakitError
-from .outputs import atomic_dir, run_info, write_json
+from lora_kit.vocab import bytelevel as vocab_bpe
+from lora_kit.vocab import checks as vocab_check
+from lora_kit.vocab import sentencepiece as vocab_sp
+from lora_kit.data.corpora import iter_lines
+from lora_kit.errors import LorakitError
+from lora_kit.rundir import atomic_dir, run_info, write_json
 
 CHINESE_MODEL = "chinese_sp.model"  # the trained Chinese vocabulary on its own
 REPORT = "vocab_report.json"
@@ -54,7 +56,7 @@ class Base:
 
 
 def resolve_base(spec: str) -> Base:
-    from .models import resolve_model
+    from lora_kit.models.load import resolve_model
 
     p = Path(spec).expanduser()
     if p.is_file():
@@ -283,8 +285,8 @@ def _read_json(path: Path) -> dict:
 def resize_and_save(base: Base, result: dict, out: Path) -> int:
     import torch
 
-    from .models import load_model
-    from .resize import resize_model
+    from lora_kit.models.load import load_model
+    from lora_kit.vocab.resize import resize_model
 
     model = load_model(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
     stored = getattr(model.config, "dtype", None) or torch.float32

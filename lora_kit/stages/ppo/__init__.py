@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorakitError
-from ..recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.errors import LorakitError
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 
 PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac", "value_loss")
 
@@ -92,7 +92,7 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
         if len(vals) != len(texts):
             raise LorakitError(f"reward_fn returned {len(vals)} values for {len(texts)} responses")
         return torch.tensor([float(v) for v in vals], device=roles.device)
-    from ..templates import encode
+    from lora_kit.templates import encode
 
     seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0] for p, t in zip(prompts, texts)]
     width = max(len(s) for s in seqs)
@@ -103,7 +103,7 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
 # ---------------------------------------------------------------------------------------------------- one PPO step
 def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, queries, kl_ctl, moments, ptx_batch=None):
     """Roll out, score, compute advantages, update actor and critic; returns the logged statistics (over all ranks)."""
-    from .. import ppo_core as pc
+    from lora_kit.stages.ppo import core as pc
 
     world = pc.world()[1]
     b = sample(roles, cfg, tokenizer, queries)
@@ -167,8 +167,8 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
 def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
     """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched. Each rank
     scores a contiguous share of the prompts; every rank returns the results of all."""
-    from .. import ppo_core as pc
-    from ..templates import prompt_ids
+    from lora_kit.stages.ppo import core as pc
+    from lora_kit.templates import prompt_ids
 
     rank, world = pc.world()
     share = -(-len(prompts) // world)
@@ -202,8 +202,8 @@ def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, ke
 
     from safetensors.torch import save_file
 
-    from ..ppo_core import all_gather
-    from ..training import is_main_process, wait_for_everyone
+    from lora_kit.stages.ppo.core import all_gather
+    from lora_kit.training.run import is_main_process, wait_for_everyone
 
     cuda = torch.cuda.get_rng_state() if roles.device.type == "cuda" else None  # rollouts sample on the GPU
     rngs = all_gather((torch.get_rng_state(), random.getstate(), cuda))
@@ -237,7 +237,7 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
 
     from safetensors.torch import load_file
 
-    from ..ppo_core import world
+    from lora_kit.stages.ppo.core import world
 
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     rank, size = world()
@@ -263,7 +263,7 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
 
 # ---------------------------------------------------------------------------------------------------- run
 def _ptx_batches(cfg, tokenizer, template):
-    from ..data import Collator, conversations, read_records, tokenize_conversations
+    from lora_kit.data.records import Collator, conversations, read_records, tokenize_conversations
 
     convs, _ = conversations(read_records(cfg.ptx_data), "auto", cfg.skip_bad_records)
     examples, _ = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, "truncate")
@@ -277,14 +277,15 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
     from transformers import get_scheduler
 
-    from ..data import split_eval
-    from ..models import check_vocab, compute_dtype, count_parameters, load_model
-    from ..outputs import write_text
-    from ..pairs import read_prompts
-    from ..ppo_core import KLController, RunningMoments, init_processes
-    from ..ppo_roles import Roles, load_reward_fn
-    from ..templates import prompt_ids
-    from ..training import is_main_process, open_run, plot_metrics, save_run
+    from lora_kit.data.records import split_eval
+    from lora_kit.models.load import check_vocab, compute_dtype, load_model
+    from lora_kit.models.lora import count_parameters
+    from lora_kit.rundir import write_text
+    from lora_kit.data.pairs import read_prompts
+    from lora_kit.stages.ppo.core import KLController, RunningMoments, init_processes
+    from lora_kit.stages.ppo.roles import Roles, load_reward_fn
+    from lora_kit.templates import prompt_ids
+    from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
         raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or reward_fn=package.module:function")

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "prompts", "text")
@@ -46,7 +46,7 @@ def detect_kind(path: Path, records) -> str:
 def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -> tuple[int, list[str]]:
     """(number of records, problems). Each problem is one line naming file, record and field. The checks are the
     functions training uses (data.py, pairs.py), except that every record is checked and every problem kept."""
-    from .data import read_records
+    from lora_kit.data.records import read_records
 
     p = Path(path)
     problems: list[str] = []
@@ -60,7 +60,7 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -
     sequences = {"sft": _sft, "pairs": _pairs, "prompts": _prompts, "text": _text_record}[kind]
     template = None
     if tokenizer is not None:
-        from .templates import resolve
+        from lora_kit.templates import resolve
 
         template = resolve("auto", tokenizer)
     seen: dict[str, int] = {}
@@ -90,7 +90,7 @@ def _line(problem: str) -> int:
 
 
 def _ids(tokenizer, template, seq) -> list[int]:
-    from .templates import encode, prompt_ids
+    from lora_kit.templates import encode, prompt_ids
 
     kind, msgs = seq
     return prompt_ids(tokenizer, template, msgs) if kind == "prompt" else encode(tokenizer, template, msgs)[0]
@@ -102,7 +102,7 @@ def _key(obj) -> str:
 
 # Each checker: (problems, key for duplicates or None when the record is unusable, token sequences to measure).
 def _sft(rec, state):
-    from .data import detect_format
+    from lora_kit.data.records import detect_format
 
     try:
         state["sft"] = state.get("sft") or detect_format(rec, state["format"])
@@ -113,7 +113,7 @@ def _sft(rec, state):
 
 
 def _pairs(rec, state):
-    from .pairs import pair_problems
+    from lora_kit.data.pairs import pair_problems
 
     errors, prompt, texts = pair_problems(rec)
     if errors:
@@ -122,7 +122,7 @@ def _pairs(rec, state):
 
 
 def _prompts(rec, state):
-    from .pairs import prompt_messages
+    from lora_kit.data.pairs import prompt_messages
 
     try:
         msgs = prompt_messages(rec)
@@ -144,8 +144,8 @@ def _text_record(rec, state):
 
 def _check_text_files(path: Path, problems: list[str]) -> int:
     """Plain text (one document a line) or a directory of .txt/.jsonl files, as `pretrain` reads them."""
-    from .data import read_records
-    from .textdata import TEXT_SUFFIXES
+    from lora_kit.data.records import read_records
+    from lora_kit.data.text import TEXT_SUFFIXES
 
     if not path.exists():
         problems.append(f"{path}: data file not found")
@@ -204,9 +204,9 @@ def _text_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
 
 def main(args) -> int:
     if args.action == "build-zh-tasks":
-        from .data import BUNDLED_DIR
-        from .pairs import build_preference_data
-        from .zh_tasks import build
+        from lora_kit.data.records import BUNDLED_DIR
+        from lora_kit.data.pairs import build_preference_data
+        from lora_kit.data.zh_tasks import build
 
         out = Path(args.output) if args.output else BUNDLED_DIR
         counts = build(out, sample_file=BUNDLED_DIR / "alpaca_zh_sample.jsonl")
@@ -217,7 +217,7 @@ def main(args) -> int:
         return 0
     tokenizer = None
     if args.model:
-        from .models import load_tokenizer, resolve_model
+        from lora_kit.models.load import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(args.model))
     n, problems = check(args.file, args.format, tokenizer, args.cutoff_len)

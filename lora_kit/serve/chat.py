@@ -21,7 +21,7 @@ def reply(model, tokenizer, template, messages: list[dict], args, stream: bool =
     import torch
     from transformers import TextStreamer
 
-    from .templates import prompt_ids
+    from lora_kit.templates import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -35,8 +35,8 @@ def reply(model, tokenizer, template, messages: list[dict], args, stream: bool =
 
 
 def main(args) -> int:
-    from .models import load_for_inference
-    from .templates import resolve
+    from lora_kit.models.load import load_for_inference
+    from lora_kit.templates import resolve
 
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     template = resolve(args.template or template_name, tokenizer)

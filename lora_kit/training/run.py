@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .errors import LorakitError
-from .outputs import check_writable, is_finished, run_info, write_json, write_text
+from lora_kit.errors import LorakitError
+from lora_kit.rundir import check_writable, is_finished, run_info, write_json, write_text
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,8 +60,8 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
 def open_run(cfg):
     """What every chat-style stage does first: check output_dir (resume/force), resolve the base model, load its
     tokenizer and pick the prompt template. Returns (out, checkpoint or None, base, tokenizer, template)."""
-    from .models import load_tokenizer, resolve_model
-    from .templates import resolve
+    from lora_kit.models.load import load_tokenizer, resolve_model
+    from lora_kit.templates import resolve
 
     out, ckpt = prepare_output(cfg)
     base = resolve_model(cfg.model)
@@ -130,7 +130,7 @@ def training_arguments(cfg, out: Path, dtype: torch.dtype, args_class=None, **ex
     """TrainingArguments (or a subclass such as TRL's RewardConfig/DPOConfig via `args_class`) from a recipe."""
     from transformers import TrainingArguments
 
-    from .models import device
+    from lora_kit.models.load import device
 
     kw = dict(
         output_dir=str(out / CHECKPOINTS), max_steps=cfg.max_steps, save_steps=cfg.save_steps,
@@ -306,7 +306,7 @@ def wait_for_everyone() -> None:
 def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trainer=None, **info) -> Path:
     """Final artifacts at the root of output_dir; run.json last, so it marks a complete run. Rank 0 writes, the others
     wait until it has. Pass `trainer` under DeepSpeed ZeRO-3 or FSDP: every rank then gathers the sharded weights."""
-    from .recipe import dump_yaml
+    from lora_kit.recipe import dump_yaml
 
     state_dict = sharded_state_dict(trainer)
     if not is_main_process():
@@ -318,7 +318,7 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trai
         tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))
     plot_metrics(out)
-    from .models import signature
+    from lora_kit.models.load import signature
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     info.setdefault("base_signature", signature(base.config))

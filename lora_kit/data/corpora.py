@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 _TAG = re.compile(r"/[A-Za-z]+\]?[a-z]*$")
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 _TRAILING = re.compile(r"[\s。.!！,，]+$")
 
@@ -26,7 +26,7 @@ def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, m
     """Greedy answers for conversations ending in a user turn; batched with left padding."""
     from tqdm.auto import tqdm
 
-    from .templates import prompt_ids
+    from lora_kit.templates import prompt_ids
 
     encoded = [prompt_ids(tokenizer, template, msgs) for msgs in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
@@ -50,8 +50,8 @@ def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, m
 
 def task_records(task_or_file: str):
     """(prompts, references) from a bundled task name or a data file (last assistant turn is the reference)."""
-    from .data import conversations, read_records
-    from .zh_tasks import TASKS, held_out
+    from lora_kit.data.records import conversations, read_records
+    from lora_kit.data.zh_tasks import TASKS, held_out
 
     source = str(held_out(task_or_file)) if task_or_file in TASKS else task_or_file
     convs, _ = conversations(read_records(source))
@@ -86,14 +86,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from .models import load_for_inference
-    from .outputs import write_json
-    from .templates import resolve
+    from lora_kit.models.load import load_for_inference
+    from lora_kit.rundir import write_json
+    from lora_kit.templates import resolve
 
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     if args.text:
-        from .bpc import bits_per_char
-        from .corpora import iter_lines
+        from lora_kit.evaluate.bpc import bits_per_char
+        from lora_kit.data.corpora import iter_lines
 
         result = {"text": args.text, "bits_per_char": bits_per_char(model, tokenizer, list(iter_lines(args.text)))}
         print(f"bits per character on {args.text}: {result['bits_per_char']:.4f}")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .errors import LorakitError, where
+from lora_kit.errors import LorakitError, where
 
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}
 
@@ -292,7 +292,7 @@ class TokenStats:
 
 def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong: str = "truncate"):
     """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped."""
-    from .templates import encode
+    from lora_kit.templates import encode
 
     examples, stats = [], TokenStats()
     for rec, msgs in convs:

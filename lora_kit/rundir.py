@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 RUN_FILE = "run.json"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import LorakitError
+from lora_kit.errors import LorakitError
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context + allocator slack seen per GPU process (not counted with --device cpu)
@@ -85,7 +85,7 @@ class Shape:
 
 def load_shape(model: str) -> tuple[Shape, str]:
     """(shape, where its config came from) for a local directory, alias, known name, or a hub id in the HF cache."""
-    from .models import resolve_model
+    from lora_kit.models.load import resolve_model
 
     path = resolve_model(model)
     if Path(path).is_dir():

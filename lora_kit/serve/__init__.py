@@ -1,0 +1,1 @@
+"""Using a trained model: `lorakit chat` (streaming, with the training template)."""
