@@ -11,13 +11,10 @@ from typing import Optional
 
 from lora_kit.commands import BY_NAME, COMMANDS, Command
 from lora_kit.errors import LorakitError
-
-
+from lora_kit.recipe import describe, dump_yaml, load_config
 
 
 def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
-    from lora_kit.recipe import describe
-
     keys = "\n".join(f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in describe(config_cls))
     p = argparse.ArgumentParser(
         prog=f"lorakit {cmd.name}", description=cmd.help, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,8 +28,6 @@ def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
 
 
 def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
-    from lora_kit.recipe import dump_yaml, load_config
-
     args = _recipe_parser(cmd, module.Config).parse_args(argv)
     config = load_config(module.Config, args.recipe, args.overrides)
     if args.print_config:

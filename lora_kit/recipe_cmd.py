@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from lora_kit.commands import stage_module
+from lora_kit.recipe import describe, find_recipe, list_recipes, load_config, recipe_header, to_dict
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--show NAME."""
@@ -11,9 +14,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """List the recipes, or print one's resolved keys."""
-    from lora_kit.commands import stage_module
-    from lora_kit.recipe import describe, find_recipe, list_recipes, load_config, recipe_header, to_dict
-
     if not args.show:
         rows = list_recipes()
         width = max((len(r[0]) for r in rows), default=4)

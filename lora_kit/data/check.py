@@ -7,8 +7,11 @@ import json
 import re
 from pathlib import Path
 
+from lora_kit.data.pairs import pair_problems, prompt_messages
+from lora_kit.data.records import detect_format, read_records
+from lora_kit.data.text import TEXT_SUFFIXES
 from lora_kit.errors import LorakitError
-
+from lora_kit.templates import encode, prompt_ids
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "prompts", "text")
 SFT_KEYS = ("instruction", "output", "conversations", "messages")
@@ -46,8 +49,6 @@ def detect_kind(path: Path, records) -> str:
 def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -> tuple[int, list[str]]:
     """(number of records, problems). Each problem is one line naming file, record and field. The checks are the
     functions training uses (data.py, pairs.py), except that every record is checked and every problem kept."""
-    from lora_kit.data.records import read_records
-
     p = Path(path)
     problems: list[str] = []
     if fmt in ("auto", "text") and (p.is_dir() or p.suffix == ".txt"):
@@ -90,8 +91,6 @@ def _line(problem: str) -> int:
 
 
 def _ids(tokenizer, template, seq) -> list[int]:
-    from lora_kit.templates import encode, prompt_ids
-
     kind, msgs = seq
     return prompt_ids(tokenizer, template, msgs) if kind == "prompt" else encode(tokenizer, template, msgs)[0]
 
@@ -102,8 +101,6 @@ def _key(obj) -> str:
 
 # Each checker: (problems, key for duplicates or None when the record is unusable, token sequences to measure).
 def _sft(rec, state):
-    from lora_kit.data.records import detect_format
-
     try:
         state["sft"] = state.get("sft") or detect_format(rec, state["format"])
         msgs = state["sft"].to_messages(rec)
@@ -113,8 +110,6 @@ def _sft(rec, state):
 
 
 def _pairs(rec, state):
-    from lora_kit.data.pairs import pair_problems
-
     errors, prompt, texts = pair_problems(rec)
     if errors:
         return errors, None, []
@@ -122,8 +117,6 @@ def _pairs(rec, state):
 
 
 def _prompts(rec, state):
-    from lora_kit.data.pairs import prompt_messages
-
     try:
         msgs = prompt_messages(rec)
     except LorakitError as e:
@@ -144,9 +137,6 @@ def _text_record(rec, state):
 
 def _check_text_files(path: Path, problems: list[str]) -> int:
     """Plain text (one document a line) or a directory of .txt/.jsonl files, as `pretrain` reads them."""
-    from lora_kit.data.records import read_records
-    from lora_kit.data.text import TEXT_SUFFIXES
-
     if not path.exists():
         problems.append(f"{path}: data file not found")
         return 0
@@ -204,8 +194,8 @@ def _text_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
 
 def main(args) -> int:
     if args.action == "build-zh-tasks":
-        from lora_kit.data.records import BUNDLED_DIR
         from lora_kit.data.pairs import build_preference_data
+        from lora_kit.data.records import BUNDLED_DIR
         from lora_kit.data.zh_tasks import build
 
         out = Path(args.output) if args.output else BUNDLED_DIR

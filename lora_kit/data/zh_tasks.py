@@ -10,6 +10,9 @@ import random
 from pathlib import Path
 
 from lora_kit.data.corpora import people_daily_sentences, reviews
+from lora_kit.data.records import bundled_path
+from lora_kit.errors import LorakitError
+from lora_kit.rundir import write_text
 
 SEED = 1998
 SENTIMENT_INSTRUCTION = "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。"
@@ -51,8 +54,6 @@ def _segment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    from lora_kit.rundir import write_text
-
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
@@ -77,9 +78,6 @@ def build(out_dir: Path, sample_file: Path | None = None) -> dict[str, int]:
 
 def held_out(task: str) -> Path:
     """Path of a task's held-out split (bundled)."""
-    from lora_kit.data.records import bundled_path
-    from lora_kit.errors import LorakitError
-
     if task not in TASKS:
         raise LorakitError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
     path = bundled_path(TASKS[task][1])

@@ -4,14 +4,17 @@ sharegpt file), and bits per character on a text file. Prompts are rendered with
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
-from lora_kit.errors import LorakitError
+from lora_kit.data.records import conversations, read_records
+from lora_kit.data.zh_tasks import TASKS, held_out
+from lora_kit.models.load import load_for_inference
+from lora_kit.rundir import write_json
+from lora_kit.templates import prompt_ids, resolve
 
 _TRAILING = re.compile(r"[\s。.!！,，]+$")
 
@@ -24,9 +27,6 @@ def normalise(text: str) -> str:
 def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, max_new_tokens: int = 32,
                      batch_size: int = 8, progress: bool = True) -> list[str]:
     """Greedy answers for conversations ending in a user turn; batched with left padding."""
-    from tqdm.auto import tqdm
-
-    from lora_kit.templates import prompt_ids
 
     encoded = [prompt_ids(tokenizer, template, msgs) for msgs in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
@@ -50,9 +50,6 @@ def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, m
 
 def task_records(task_or_file: str):
     """(prompts, references) from a bundled task name or a data file (last assistant turn is the reference)."""
-    from lora_kit.data.records import conversations, read_records
-    from lora_kit.data.zh_tasks import TASKS, held_out
-
     source = str(held_out(task_or_file)) if task_or_file in TASKS else task_or_file
     convs, _ = conversations(read_records(source))
     prompts = [msgs[:-1] for _, msgs in convs]
@@ -86,14 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from lora_kit.models.load import load_for_inference
-    from lora_kit.rundir import write_json
-    from lora_kit.templates import resolve
-
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     if args.text:
-        from lora_kit.evaluate.bpc import bits_per_char
         from lora_kit.data.corpora import iter_lines
+        from lora_kit.evaluate.bpc import bits_per_char
 
         result = {"text": args.text, "bits_per_char": bits_per_char(model, tokenizer, list(iter_lines(args.text)))}
         print(f"bits per character on {args.text}: {result['bits_per_char']:.4f}")

@@ -3,6 +3,8 @@ reading a safetensors checkpoint tensor by tensor, and writing safetensors shard
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import re
 import struct
@@ -11,6 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import resolve_model
@@ -34,9 +41,6 @@ def parse_size(text: str) -> int:
 
 
 def _libc():
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
@@ -109,8 +113,6 @@ class Adapter:
 
 
 def _scale(config: dict, module: str, r: int) -> float:
-    from peft.utils.other import get_pattern_key
-
     alpha = config.get("lora_alpha", r)
     pattern = config.get("alpha_pattern") or {}
     if pattern:
@@ -120,8 +122,6 @@ def _scale(config: dict, module: str, r: int) -> float:
 
 def read_adapter(path) -> Adapter:
     """Load an adapter directory's LoRA factors, trainable token rows and saved modules (all small)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
@@ -161,9 +161,6 @@ def read_adapter(path) -> Adapter:
 def write_adapter(dst: Path, lora: dict[str, Lora], rank: int, *, rows=None, full=None, task_type="CAUSAL_LM",
                   base_model: Optional[str] = None, fan_in_fan_out: bool = False) -> None:
     """Save factors as a PEFT adapter (scale folded into B: lora_alpha = r) loadable by `PeftModel.from_pretrained`."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     rows, full = rows or {}, full or {}
     sd = {}
     for key, f in lora.items():
@@ -213,8 +210,6 @@ def adapter_tokenizer_dir(adapters: list[Path], base: Path) -> Path:
 
     Among adapters with a tokenizer the largest vocabulary wins (the last on a tie: an SFT adapter after pretraining).
     """
-    from transformers import AutoTokenizer
-
     best, size = Path(base), -1
     for a in adapters:
         if any((Path(a) / f).is_file() for f in TOKENIZER_FILES):
@@ -262,8 +257,6 @@ class Checkpoint:
         return sorted(set(self.files.values())) if self.files else ["model.safetensors"]
 
     def _open(self, fname: str):
-        from safetensors import safe_open
-
         if self._name != fname:
             self.close()
             self._handle, self._name = safe_open(str(self.path / fname), framework="pt"), fname

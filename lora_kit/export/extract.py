@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import resolve_model
-from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
 from lora_kit.export.common import Checkpoint, Lora, write_adapter
 from lora_kit.export.merge import check_output
+from lora_kit.export.verify import model_logits, probe_batch, reference_logits
+from lora_kit.models.load import resolve_model
+from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
 
 EXACT_SVD_MAX = 4096  # above this smaller dimension a randomised SVD (torch.svd_lowrank) is used
 
@@ -55,7 +57,6 @@ def main(args) -> int:
     base, tuned = Checkpoint(base_dir), Checkpoint(tuned_dir)
     lora, rows, full, report = {}, {}, {}, {}
     total = kept = 0.0
-    from tqdm.auto import tqdm
 
     for key in tqdm(tuned.keys, desc="extract"):
         t = tuned.get(key).float()
@@ -116,8 +117,6 @@ def main(args) -> int:
 
 def _check(base_dir: Path, tuned_dir: Path, adapter_dir: Path) -> float:
     """Max |logits(base + extracted adapter) − logits(tuned)| on the probe batch (reported; low rank is approximate)."""
-    from lora_kit.export.verify import model_logits, probe_batch, reference_logits
-
     tok = None
     if any(tuned_dir.glob("tokenizer*")):
         from transformers import AutoTokenizer

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_kit.errors import LorakitError
 from lora_kit.export.common import Checkpoint
+from lora_kit.export.verify import model_logits, probe_batch
 
 ARCHES = {"llama": "LLAMA", "mistral": "LLAMA"}  # model_type -> gguf.MODEL_ARCH member (same tensor layout)
 CHECK_LOGITS_MAX_BYTES = 2 * 10**9  # the transformers GGUF loader holds the whole model dequantized in fp32
@@ -23,8 +27,6 @@ def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _qtype(kind: str, shape) -> "object":
-    import gguf
-
     T = gguf.GGMLQuantizationType
     if len(shape) < 2 or kind == "f32":
         return T.F32
@@ -34,8 +36,6 @@ def _qtype(kind: str, shape) -> "object":
 
 
 def _convert(t: torch.Tensor, qtype) -> np.ndarray:
-    import gguf
-
     arr = t.float().numpy()
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
@@ -47,8 +47,6 @@ def _convert(t: torch.Tensor, qtype) -> np.ndarray:
 
 def add_tokenizer(writer, src: Path, rows: int) -> None:
     """Vocabulary as llama.cpp expects it: byte-level BPE ('gpt2': tokens + merges) or SentencePiece ('llama')."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(src)
     if len(tok) > rows:
         raise LorakitError(f"{src}: tokenizer has {len(tok)} tokens, the model {rows} embedding rows")
@@ -99,9 +97,6 @@ def add_tokenizer(writer, src: Path, rows: int) -> None:
 
 def export_gguf(src: Path, dst_dir: Path, kind: str = "f16") -> Path:
     """Convert the merged model directory `src` into `dst_dir/model-<kind>.gguf`; verify it; return the path."""
-    import gguf
-    from tqdm.auto import tqdm
-
     ckpt = Checkpoint(src)
     cfg = ckpt.config
     arch = ARCHES.get(cfg.get("model_type"))
@@ -163,8 +158,6 @@ def export_gguf(src: Path, dst_dir: Path, kind: str = "f16") -> Path:
 
 def check_gguf(path: Path, src: Path, plan, names) -> None:
     """Read the file back with `gguf` (names, shapes, types), then compare logits with transformers' GGUF loader."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}
     ckpt = Checkpoint(src)
@@ -177,9 +170,7 @@ def check_gguf(path: Path, src: Path, plan, names) -> None:
         print(f"lorakit merge: GGUF read back ({len(found)} tensors); logits check skipped above "
               f"{CHECK_LOGITS_MAX_BYTES / 1e9:.0f} GB")
         return
-    from transformers import AutoModelForCausalLM
 
-    from lora_kit.export.verify import model_logits, probe_batch
 
     ids = probe_batch(None, ckpt.meta(next(k for k, _ in plan if k.endswith("embed_tokens.weight")))[0][0], [])
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

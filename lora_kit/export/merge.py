@@ -11,10 +11,26 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
 from lora_kit.errors import LorakitError
+from lora_kit.export.common import (
+    DTYPES,
+    Adapter,
+    Checkpoint,
+    adapter_tokenizer_dir,
+    bound_allocator,
+    find_base,
+    new_token_ids,
+    parse_size,
+    read_adapter,
+    release_memory,
+    tensor_nbytes,
+    write_safetensors_stream,
+)
+from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits
 from lora_kit.rundir import atomic_dir, run_info, write_json
-from lora_kit.export.common import DTYPES, Adapter, Checkpoint, adapter_tokenizer_dir, bound_allocator, find_base, new_token_ids, parse_size, read_adapter, release_memory, tensor_nbytes, write_safetensors_stream
 
 
 def add_arguments(p) -> None:
@@ -75,9 +91,6 @@ def main(args) -> int:
 def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: torch.dtype, shard_size: int,
                  task: str, adapter_dirs: list[Path]):
     """Write merged safetensors shards, config and the adapters' tokenizer into `dst`; return (tokenizer, config)."""
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer
-
     config = AutoConfig.from_pretrained(ckpt.path)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     touched = set().union(*(a.touched() for a in adapters))
@@ -162,8 +175,6 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
 def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok,
            loaded: list[Adapter]) -> dict:
     """Logits of the merged model against base + adapters (PEFT, unmerged) on a probe batch; fails outside tolerance."""
-    from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits
-
     rows = json.loads((merged / "config.json").read_text())["vocab_size"]
     ids = probe_batch(tok, rows, new_token_ids(adapters))
     pad = tok.pad_token_id

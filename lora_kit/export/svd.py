@@ -4,15 +4,24 @@ energy (share of squared singular values) kept per layer and overall. Written by
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_kit.errors import LorakitError
-from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
-from lora_kit.export.common import Adapter, Checkpoint, Lora, adapter_tokenizer_dir, find_base, new_token_ids, read_adapter, write_adapter
+from lora_kit.export.common import (
+    Adapter,
+    Checkpoint,
+    Lora,
+    adapter_tokenizer_dir,
+    find_base,
+    new_token_ids,
+    read_adapter,
+    write_adapter,
+)
 from lora_kit.export.merge import check_output
+from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
 
 
 def add_arguments(p) -> None:
@@ -110,7 +119,6 @@ def main(args) -> int:
 
     report, lora, total, kept = {}, {}, 0.0, 0.0
     keys = sorted({k for a in adapters for k in a.lora})
-    from tqdm.auto import tqdm
 
     for key in tqdm(keys, desc="svd", disable=len(keys) < 8):
         factors = [(w, a.lora[key]) for w, a in zip(weights, adapters) if key in a.lora]

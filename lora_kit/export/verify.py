@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import init_empty_weights
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lora_kit.errors import LorakitError
 from lora_kit.export.common import Checkpoint, release_memory
@@ -90,16 +93,12 @@ class LazyWeights:
 
 
 def _empty_model(config, model_class, dtype=torch.float32):
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed, not stored
         model = model_class.from_config(config, dtype=dtype)
     return model.eval()
 
 
 def _config(path: Path, task_type: str, pad_token_id: Optional[int]):
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path)
     if task_type == "SEQ_CLS":
         config.num_labels = 1
@@ -110,8 +109,6 @@ def _config(path: Path, task_type: str, pad_token_id: Optional[int]):
 
 
 def model_class_for(task_type: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     return AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
 
 
@@ -121,8 +118,6 @@ def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torc
     """(logits of base + adapters, logits without the last adapter), the last adapter run by PEFT over block-loaded
     base weights. Earlier adapters of a chain (`earlier`, read with `read_adapter`) are folded into the loaded weights:
     PEFT cannot stack adapters whose token rows or saved modules differ (a KeyError in `load_adapter`)."""
-    from peft import PeftModel
-
     ckpt = Checkpoint(base)
     model = _empty_model(_config(base, task_type, pad_id), model_class_for(task_type), dtype)
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lora_kit.errors import LorakitError
 
@@ -43,7 +44,6 @@ def materialise_alias(alias: str) -> Path:
         return target
     gguf_path = _package_file(*ALIASES[alias])
     print(f"lorakit: converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)

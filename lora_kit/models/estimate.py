@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import resolve_model
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context + allocator slack seen per GPU process (not counted with --device cpu)
@@ -85,8 +86,6 @@ class Shape:
 
 def load_shape(model: str) -> tuple[Shape, str]:
     """(shape, where its config came from) for a local directory, alias, known name, or a hub id in the HF cache."""
-    from lora_kit.models.load import resolve_model
-
     path = resolve_model(model)
     if Path(path).is_dir():
         cfg_file = Path(path) / "config.json"

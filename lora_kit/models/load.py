@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.embedded import ALIASES, materialise_alias
 from lora_kit.models.memory import cpu_bf16_is_faster, freed_memory_returned
+from lora_kit.rundir import read_run
 
 
 # ---------------------------------------------------------------------------------------------------- resolving names
@@ -56,8 +60,6 @@ def compute_dtype(pref: str = "auto") -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -71,7 +73,6 @@ def quantization_config(quantization: str, dtype: torch.dtype, skip_modules: Opt
     """bitsandbytes config: 4bit = NF4 + double quantization (QLoRA), 8bit = LLM.int8. None for `none`."""
     if quantization in (None, "none"):
         return None
-    from transformers import BitsAndBytesConfig
 
     skip = list(skip_modules or [])
     if quantization == "4bit":
@@ -92,8 +93,6 @@ def load_model(path: str, *, quantization: str = "none", dtype: str = "auto", tr
 
     With quantization the embeddings and lm_head stay unquantized (so a resized vocabulary works with QLoRA).
     """
-    from transformers import AutoModelForCausalLM
-
     model_class = model_class or AutoModelForCausalLM
     cdtype = compute_dtype(dtype)
     qconf = quantization_config(quantization, cdtype, skip_modules=UNQUANTIZED)
@@ -135,9 +134,6 @@ def _load_converting(model_class, path: str, files: list[Path], load_kw: dict):
     instead of memory-mapped. transformers keeps its mmap open until the whole load ends, so every page of the
     full-precision checkpoint stays resident meanwhile: a 4-bit load of a 2.1 GB bf16 checkpoint peaked at 2.9 GB,
     most of it file pages it no longer needed (BENCHMARKS.md, "QLoRA memory")."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, GenerationConfig
-
     kw = dict(load_kw)
     config, model_kw = AutoConfig.from_pretrained(path, return_unused_kwargs=True,
                                                   trust_remote_code=kw.pop("trust_remote_code"),
@@ -177,8 +173,6 @@ def sharded_by_fsdp() -> bool:
 
 def adapter_base(adapter: str) -> str:
     """The base model an adapter was trained on: run.json `base_model`, else adapter_config.json."""
-    from lora_kit.rundir import read_run
-
     p = Path(adapter)
     if not (p / "adapter_config.json").is_file():
         raise LorakitError(f"{p}: not an adapter directory (no adapter_config.json)")
@@ -193,8 +187,6 @@ def adapter_base(adapter: str) -> str:
 def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, dtype: str = "auto",
                        quantization: str = "none", trust_remote_code: bool = False):
     """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
-    import yaml
-
     if not model and not adapter:
         raise LorakitError("give --model and/or --adapter")
     base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
@@ -228,8 +220,6 @@ def signature(config) -> dict:
 
 def check_adapter_fits(adapter: str, model) -> None:
     """Refuse an adapter trained on another base (architecture, hidden size, layers, vocab size), saying how to fix."""
-    from lora_kit.rundir import read_run
-
     want = read_run(Path(adapter)).get("base_signature")
     if not want:
         return

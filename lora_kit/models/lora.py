@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
 from lora_kit.models.load import sharded_by_fsdp
+
 
 def freeze_base(model, gradient_checkpointing: bool = False):
     """Freeze every base weight for adapter training (and turn on gradient checkpointing if asked).
@@ -43,8 +45,6 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
     """Wrap `model` in a PEFT LoRA model; optionally train only chosen embedding rows (saved as just those rows).
 
     `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
-    from peft import LoraConfig, get_peft_model
-
     model = freeze_base(model, gradient_checkpointing)
     targets = lora.target_modules
     targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
@@ -72,8 +72,6 @@ def token_row_targets(model, rows: list[int]) -> dict[str, list[int]]:
 def attach_token_rows(model, targets: dict[str, list[int]]):
     """Wrap `model` in a PEFT model that trains only the given embedding rows (`token_row_targets`) and nothing else;
     its saved adapter holds just those rows. Trainable rows are kept in fp32 whatever the base dtype."""
-    from peft import TrainableTokensConfig, get_peft_model
-
     indices = sorted({i for rows in targets.values() for i in rows})
     if any(sorted(set(rows)) != indices for rows in targets.values()):
         raise ValueError("trainable token rows must be the same for every target module")

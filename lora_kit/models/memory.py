@@ -11,6 +11,7 @@ import time
 
 import torch
 
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_faster() -> bool:
     """Time one matmul in fp32 and bf16 (~50 ms). CPUs with AMX run bf16 ~2x faster; CPUs with only avx512_bf16

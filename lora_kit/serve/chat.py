@@ -4,6 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+from transformers import TextStreamer
+
+from lora_kit.models.load import load_for_inference
+from lora_kit.templates import prompt_ids, resolve
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
@@ -18,10 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def reply(model, tokenizer, template, messages: list[dict], args, stream: bool = True) -> str:
-    import torch
-    from transformers import TextStreamer
-
-    from lora_kit.templates import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -35,9 +37,6 @@ def reply(model, tokenizer, template, messages: list[dict], args, stream: bool =
 
 
 def main(args) -> int:
-    from lora_kit.models.load import load_for_inference
-    from lora_kit.templates import resolve
-
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     template = resolve(args.template or template_name, tokenizer)
     history = [{"role": "system", "content": args.system}] if args.system else []

@@ -6,8 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer
+
+from lora_kit.data.pairs import read_pairs
+from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import check_vocab, compute_dtype, load_model
+from lora_kit.models.lora import freeze_base
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.templates import segments
+from lora_kit.training.run import final_eval, install_callbacks, open_run, save_run, training_arguments
 
 
 @dataclass
@@ -21,8 +31,6 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 def render_pairs(groups, tokenizer, template) -> list[dict]:
     """{prompt, chosen, rejected} as text in the training template: the prompt ends with the assistant prefix, each
     answer carries the end-of-turn marker (trailing whitespace dropped so TRL does not append a second EOS)."""
-    from lora_kit.templates import segments
-
     rows = []
     for group in groups:
         for p in group:
@@ -35,15 +43,6 @@ def render_pairs(groups, tokenizer, template) -> list[dict]:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    import datasets
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
-
-    from lora_kit.data.records import split_eval
-    from lora_kit.models.load import check_vocab, compute_dtype, load_model
-    from lora_kit.models.lora import freeze_base
-    from lora_kit.data.pairs import read_pairs
-    from lora_kit.training.run import final_eval, install_callbacks, open_run, save_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)

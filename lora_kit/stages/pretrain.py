@@ -15,8 +15,29 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
+import torch
+from peft import get_peft_model_state_dict
+from peft.utils.other import TrainableTokensWrapper
+from safetensors.torch import load_file
+from transformers import set_seed
+
+from lora_kit.data.text import BlockDataset, Corpus, collate_blocks
 from lora_kit.errors import LorakitError
-from lora_kit.recipe import LoraArgs, ModelArgs, arg, section
+from lora_kit.evaluate.bpc import score_documents
+from lora_kit.models.load import check_vocab, compute_dtype, load_model, load_tokenizer, resolve_model
+from lora_kit.models.lora import attach_lora, attach_token_rows, count_parameters, freeze_base, token_row_targets
+from lora_kit.recipe import LoraArgs, ModelArgs, arg, dump_yaml, section
+from lora_kit.rundir import is_finished, read_run, run_info, write_json, write_text
+from lora_kit.training.loss import Trainer
+from lora_kit.training.run import (
+    install_callbacks,
+    is_main_process,
+    newest_checkpoint,
+    plot_metrics,
+    prepare_output,
+    save_run,
+    training_arguments,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -82,10 +103,6 @@ def _phase_settings(cfg: Config, n: int, out: Path) -> SimpleNamespace:
 def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int, Optional[str]]]:
     """(OUT, phases to train, checkpoint to resume per phase). All refusals happen here, before anything loads;
     force=true clears the checkpoints of the phases it retrains (not on a dry run)."""
-    from lora_kit.training.run import newest_checkpoint
-    from lora_kit.rundir import is_finished
-    from lora_kit.training.run import prepare_output
-
     phases = sorted(set(cfg.phases))
     if not phases or any(n not in (1, 2) for n in phases):
         raise LorakitError(f"phases must be [1,2], [1] or [2], got {cfg.phases}")
@@ -124,9 +141,6 @@ def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: s
 # ---------------------------------------------------------------------------------------------------- models
 def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
-    from lora_kit.models.lora import attach_lora, attach_token_rows, freeze_base, token_row_targets
-    from lora_kit.models.load import check_vocab, load_model
-
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        allow_pickle=cfg.allow_pickle)
     check_vocab(model, tokenizer, base)
@@ -140,9 +154,6 @@ def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
 
 def continue_rows(model, src: Path) -> int:
     """Copy the embedding rows a finished phase-1 adapter in `src` trained into the phase-2 model. Returns rows copied."""
-    from peft.utils.other import TrainableTokensWrapper
-    from safetensors.torch import load_file
-
     conf = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
     src_rows = conf.get("token_indices") or []
     weights = load_file(str(src / "adapter_model.safetensors"))
@@ -159,7 +170,6 @@ def continue_rows(model, src: Path) -> int:
         if missing:
             raise LorakitError(f"{src}: phase 1 trained {len(missing)} embedding rows that phase 2 would not keep "
                                "(set phase2.train_all_embeddings like phase1.train_all_embeddings)")
-        import torch
 
         with torch.no_grad():
             index = torch.tensor([pos[i] for i in src_rows], dtype=torch.long, device=delta.device)
@@ -172,8 +182,6 @@ def continue_rows(model, src: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
-    from lora_kit.evaluate.bpc import score_documents
-
     if not docs:
         return {}
     s = score_documents(model, tokenizer, docs, cfg.block_size, cfg.eval_batch_size)
@@ -186,8 +194,6 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    from lora_kit.training.run import is_main_process
-
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -198,12 +204,6 @@ def _append(path: Path, row: dict) -> None:
 def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
                 base: str, new_ids: list[int], rows: list[int]) -> dict:
     """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
-    from lora_kit.training.loss import Trainer
-    from lora_kit.models.load import compute_dtype
-    from lora_kit.rundir import read_run
-    from lora_kit.data.text import collate_blocks
-    from lora_kit.training.run import install_callbacks, save_run, training_arguments
-
     d, settings = phase_dir(out, n), _phase_settings(cfg, n, out)
     metrics = d / "metrics.jsonl"
     before = next((r for r in _rows(metrics) if r.get("when") == "before"), None)
@@ -256,8 +256,6 @@ def _print_eval(what: str, row: dict) -> None:
 
 
 def _adapter_tensor_bytes(model) -> int:
-    from peft import get_peft_model_state_dict
-
     return sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
 
 
@@ -274,10 +272,6 @@ def _mb(n: int) -> str:
 def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], chain: list[int]) -> Path:
     """OUT's root: the last phase's adapter, tokenizer, recipe.yaml, both phases' metrics (phase 2 steps continue
     phase 1's), loss.png, and run.json (written last) with bits/char at every point and each phase's tokens/s."""
-    from lora_kit.rundir import read_run, run_info, write_json, write_text
-    from lora_kit.recipe import dump_yaml
-    from lora_kit.training.run import is_main_process, plot_metrics
-
     if not is_main_process():
         return out
     last = phase_dir(out, chain[-1])
@@ -309,12 +303,6 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
 
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    from transformers import set_seed
-
-    from lora_kit.models.lora import count_parameters
-    from lora_kit.models.load import load_tokenizer, resolve_model
-    from lora_kit.rundir import is_finished, read_run
-    from lora_kit.data.text import BlockDataset, Corpus
 
     out, todo, ckpts = plan(cfg, dry_run)
     chain = sorted(set(cfg.phases))

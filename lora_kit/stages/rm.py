@@ -6,8 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+from transformers import AutoModelForSequenceClassification, set_seed
+from trl import RewardConfig, RewardTrainer
+
+from lora_kit.data.pairs import read_pairs
+from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import check_vocab, compute_dtype, load_model
+from lora_kit.models.lora import attach_lora, count_parameters
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.templates import encode
+from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
 
 @dataclass
@@ -19,8 +29,6 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "truncate") -> tuple[list[dict], int]:
     """{chosen_ids, rejected_ids} rendered like a conversation ending in the answer (the same text PPO scores)."""
-    from lora_kit.templates import encode
-
     rows, dropped = [], 0
     for group in groups:
         for p in group:
@@ -41,9 +49,6 @@ def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "
 def load_reward_model(base: str, cfg, tokenizer):
     """AutoModelForSequenceClassification with one label and the tokenizer's pad id (the head pools the last
     non-pad token)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from lora_kit.models.load import load_model
 
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        model_class=AutoModelForSequenceClassification, num_labels=1)
@@ -52,15 +57,6 @@ def load_reward_model(base: str, cfg, tokenizer):
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    import datasets
-    from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
-
-    from lora_kit.data.records import split_eval
-    from lora_kit.models.lora import attach_lora, count_parameters
-    from lora_kit.models.load import check_vocab, compute_dtype
-    from lora_kit.data.pairs import read_pairs
-    from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)

@@ -7,8 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from transformers import set_seed
+
+from lora_kit.data.records import (
+    Collator,
+    batch_padding,
+    conversations,
+    pack,
+    read_records,
+    split_eval,
+    tokenize_conversations,
+)
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import check_vocab, compute_dtype, load_model
+from lora_kit.models.lora import attach_lora, count_parameters
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.rundir import read_run
+from lora_kit.training.loss import Trainer
+from lora_kit.training.run import install_callbacks, open_run, save_run, training_arguments
 
 
 @dataclass
@@ -19,8 +35,6 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 def prepare_data(cfg, tokenizer, template):
     """(train rows, eval rows, stats) from the recipe's data: validated, tokenized, masked, optionally packed."""
-    from lora_kit.data.records import batch_padding, conversations, pack, read_records, split_eval, tokenize_conversations
-
     records = read_records(cfg.data)
     if cfg.max_samples:
         records = records[: cfg.max_samples]
@@ -55,14 +69,6 @@ class Job:
 
 
 def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
-    from transformers import set_seed
-
-    from lora_kit.data.records import Collator
-    from lora_kit.training.loss import Trainer
-    from lora_kit.models.lora import attach_lora, count_parameters
-    from lora_kit.models.load import check_vocab, compute_dtype, load_model
-    from lora_kit.rundir import read_run
-    from lora_kit.training.run import install_callbacks, open_run, training_arguments
 
     out, ckpt, base, tokenizer, template = open_run(cfg)
     set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
@@ -96,8 +102,6 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    from lora_kit.training.run import save_run
-
     job = setup(cfg, dry_run)
     if job is None:
         return Path(cfg.output_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import transformers
 from torch.nn.functional import cross_entropy, pad
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 # Positions per LM-head chunk. Recomputing each chunk in backward (torch.utils.checkpoint) saved twice the memory but
 # cost ~10% time on pretraining at block 512; without recompute the time is unchanged (BENCHMARKS.md "SFT levers").
@@ -96,7 +97,6 @@ class Trainer(transformers.Trainer):
         than 1 process x batch 4 and the adapters would differ (tests/test_distributed.py)."""
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
 
         size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthGroupedSampler(size, dataset=train_dataset if train_dataset is not None else self.train_dataset,

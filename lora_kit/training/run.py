@@ -13,11 +13,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
-from transformers import TrainerCallback
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as HFProgress
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import device, load_tokenizer, resolve_model, signature
+from lora_kit.recipe import dump_yaml
 from lora_kit.rundir import check_writable, is_finished, run_info, write_json, write_text
+from lora_kit.templates import resolve
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,9 +68,6 @@ def prepare_output(cfg) -> tuple[Path, Optional[str]]:
 def open_run(cfg):
     """What every chat-style stage does first: check output_dir (resume/force), resolve the base model, load its
     tokenizer and pick the prompt template. Returns (out, checkpoint or None, base, tokenizer, template)."""
-    from lora_kit.models.load import load_tokenizer, resolve_model
-    from lora_kit.templates import resolve
-
     out, ckpt = prepare_output(cfg)
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
@@ -128,9 +133,6 @@ def precision_flags(dtype: torch.dtype) -> dict:
 
 def training_arguments(cfg, out: Path, dtype: torch.dtype, args_class=None, **extra):
     """TrainingArguments (or a subclass such as TRL's RewardConfig/DPOConfig via `args_class`) from a recipe."""
-    from transformers import TrainingArguments
-
-    from lora_kit.models.load import device
 
     kw = dict(
         output_dir=str(out / CHECKPOINTS), max_steps=cfg.max_steps, save_steps=cfg.save_steps,
@@ -234,8 +236,6 @@ def final_eval(trainer, key: str) -> dict:
 
 
 def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str = "train") -> MetricsCallback:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
-
     trainer.remove_callback(HFProgress)
     trainer.remove_callback(PrinterCallback)
     metrics = MetricsCallback(out, phase)
@@ -252,10 +252,8 @@ def plot_metrics(out: Path, keys=("loss", "eval_loss"), panels: bool = False) ->
     if not path.is_file() or not is_main_process():
         return None
     rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
@@ -285,8 +283,6 @@ def plot_metrics(out: Path, keys=("loss", "eval_loss"), panels: bool = False) ->
 
 
 def _save_png(fig, target: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     tmp = target.with_name(".loss.tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -297,8 +293,6 @@ def _save_png(fig, target: Path) -> Path:
 def wait_for_everyone() -> None:
     """Across processes: block until every rank gets here (no-op in one process), e.g. until rank 0 has written files
     the others read next."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -306,8 +300,6 @@ def wait_for_everyone() -> None:
 def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trainer=None, **info) -> Path:
     """Final artifacts at the root of output_dir; run.json last, so it marks a complete run. Rank 0 writes, the others
     wait until it has. Pass `trainer` under DeepSpeed ZeRO-3 or FSDP: every rank then gathers the sharded weights."""
-    from lora_kit.recipe import dump_yaml
-
     state_dict = sharded_state_dict(trainer)
     if not is_main_process():
         wait_for_everyone()
@@ -318,7 +310,6 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trai
         tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))
     plot_metrics(out)
-    from lora_kit.models.load import signature
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     info.setdefault("base_signature", signature(base.config))

@@ -7,6 +7,8 @@ import copy
 import json
 from functools import lru_cache
 
+from tokenizers import Tokenizer
+
 
 @lru_cache(maxsize=1)
 def byte_to_unicode() -> dict[int, str]:
@@ -134,8 +136,6 @@ class Merger:
 
 def dead_tokens(doc: dict, tokens: list[str]) -> list[str]:
     """New tokens not produced as one token from their own text by the real `tokenizers` BPE model."""
-    from tokenizers import Tokenizer
-
     model = Tokenizer.from_str(json.dumps(doc, ensure_ascii=False)).model
     vocab = doc["model"]["vocab"]
     return [t for t in tokens if [x.id for x in model.tokenize(t)] != [vocab[t]]]
@@ -143,7 +143,5 @@ def dead_tokens(doc: dict, tokens: list[str]) -> list[str]:
 
 def base_ids(doc: dict, tokens: list[str]) -> list[list[int]]:
     """The base tokens spelling each new token (for sub-token-mean initialisation)."""
-    from tokenizers import Tokenizer
-
     model = Tokenizer.from_str(json.dumps(doc, ensure_ascii=False)).model
     return [[x.id for x in model.tokenize(t)] for t in tokens]

@@ -3,22 +3,31 @@ into a SentencePiece or byte-level BPE tokenizer, resize the model with sub-toke
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import sentencepiece as spm
+import torch
+from huggingface_hub import snapshot_download
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from lora_kit.data.corpora import iter_lines
+from lora_kit.errors import LorakitError
+from lora_kit.models.load import load_model, resolve_model
+from lora_kit.rundir import atomic_dir, run_info, write_json
 from lora_kit.vocab import bytelevel as vocab_bpe
 from lora_kit.vocab import checks as vocab_check
 from lora_kit.vocab import sentencepiece as vocab_sp
-from lora_kit.data.corpora import iter_lines
-from lora_kit.errors import LorakitError
-from lora_kit.rundir import atomic_dir, run_info, write_json
+from lora_kit.vocab.resize import resize_model
 
 CHINESE_MODEL = "chinese_sp.model"  # the trained Chinese vocabulary on its own
 REPORT = "vocab_report.json"
@@ -56,8 +65,6 @@ class Base:
 
 
 def resolve_base(spec: str) -> Base:
-    from lora_kit.models.load import resolve_model
-
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix != ".model":
@@ -81,8 +88,6 @@ def resolve_base(spec: str) -> Base:
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.model", "*.safetensors", "*.jinja"]))
     except Exception as e:
@@ -113,9 +118,6 @@ COVERAGE = 0.9995  # of the corpus characters; the rest stay byte fallback (Chin
 
 def train_chinese(lines: list[str], vocab_size: int) -> bytes:
     """SentencePiece BPE on the corpus: characters (coverage 0.9995) then merged pieces, in merge order."""
-    from collections import Counter
-
-    import sentencepiece as spm
 
     freq = sorted(Counter(c for l in lines for c in l if not c.isspace()).values(), reverse=True)
     total, acc, chars = sum(freq), 0, 0
@@ -137,8 +139,6 @@ def train_chinese(lines: list[str], vocab_size: int) -> bytes:
 
 def chinese_pieces(model_bytes: bytes) -> list[str]:
     """Usable pieces of the trained model, best first: characters (by frequency), then pieces in merge order."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     proto = pb.ModelProto()
     proto.ParseFromString(model_bytes)
     pieces = [p.piece for p in proto.pieces if p.type == vocab_sp.NORMAL and vocab_check.PIECE_OK.match(p.piece)]
@@ -147,8 +147,6 @@ def chinese_pieces(model_bytes: bytes) -> list[str]:
 
 def jieba_words(known_chars: set[str]) -> list[str]:
     """jieba's dictionary words (2+ chars, every char already in the vocabulary), most frequent first."""
-    import importlib.util
-
     spec = importlib.util.find_spec("jieba")
     if spec is None:
         return []
@@ -215,8 +213,6 @@ def extend_sentencepiece(base: Base, pieces: list[str], words: list[str], args, 
 
 
 def _sp_encoders(base_proto, merged, hf_json) -> dict:
-    from tokenizers import Tokenizer
-
     base_sp, new_sp = vocab_sp.processor(base_proto), vocab_sp.processor(merged)
     base_hf = Tokenizer.from_str(vocab_sp.hf_tokenizer_json(base_proto))
     new_hf = Tokenizer.from_str(hf_json)
@@ -230,8 +226,6 @@ def _hf_encode(tok):
 
 def extend_bytelevel(base: Base, pieces: list[str], words: list[str], args, out: Path) -> dict:
     """Add tokens + merges to the byte-level BPE, prune dead tokens, write tokenizer.json (+ the base's config files)."""
-    from tokenizers import Tokenizer
-
     merger = vocab_bpe.Merger(base.doc)
     pure = [p for p in pieces if vocab_check.PURE_HAN.match(p)]  # the pre-tokenizer splits punctuation off words
     budget, skipped = args.vocab_size, 0
@@ -283,10 +277,6 @@ def _read_json(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- model and report
 def resize_and_save(base: Base, result: dict, out: Path) -> int:
-    import torch
-
-    from lora_kit.models.load import load_model
-    from lora_kit.vocab.resize import resize_model
 
     model = load_model(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
     stored = getattr(model.config, "dtype", None) or torch.float32

@@ -4,7 +4,12 @@ HF fast tokenizer whose merges follow SentencePiece's own score order so both gi
 from __future__ import annotations
 
 import json
+from itertools import groupby
 from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import Tokenizer
 
 from lora_kit.errors import LorakitError
 
@@ -14,8 +19,6 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 def load_proto(path):
     """The ModelProto of a SentencePiece `.model` file (user errors name the file)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(Path(path).read_bytes())
@@ -34,8 +37,6 @@ def check_bpe(proto, path) -> None:
 
 def processor(proto, dummy_prefix: bool = True):
     """A SentencePieceProcessor for `proto`; `dummy_prefix=False` encodes a piece's own text as is."""
-    import sentencepiece as spm
-
     if not dummy_prefix and proto.normalizer_spec.add_dummy_prefix:
         proto = copy_proto(proto)
         proto.normalizer_spec.add_dummy_prefix = False
@@ -86,8 +87,6 @@ def hf_merges(proto) -> list[tuple[str, str]]:
     its whitespace-only pieces (one score for all); merging those leftmost-first grows the left run one space at a
     time, so a tied group of them becomes (▁×k, ▁) merges ranked longest-first.
     """
-    from itertools import groupby
-
     score = {p.piece: p.score for p in proto.pieces if p.type in (NORMAL, UNUSED)}
     ranked = sorted((p for p in score if len(p) > 1), key=lambda p: -score[p])
     merges = []
@@ -165,8 +164,6 @@ def tokenizer_config(proto, extra: dict | None = None) -> dict:
 
 def dead_pieces(proto, pieces: list[str], hf_json: str | None = None) -> tuple[list[str], list[str]]:
     """Pieces not produced as one token from their own text: (dead in SentencePiece, dead in the HF tokenizer)."""
-    from tokenizers import Tokenizer
-
     sp = processor(proto, dummy_prefix=False)
     ids = {p.piece: i for i, p in enumerate(proto.pieces)}
     texts = [p.replace(SPACE, " ") for p in pieces]

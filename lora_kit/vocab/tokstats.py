@@ -8,6 +8,8 @@ from pathlib import Path
 
 from lora_kit.data.corpora import iter_lines
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import load_tokenizer, resolve_model
+from lora_kit.vocab.sentencepiece import load_proto, processor
 
 
 def add_arguments(p) -> None:
@@ -17,16 +19,12 @@ def add_arguments(p) -> None:
 
 
 def _sentencepiece(path: Path):
-    from lora_kit.vocab.sentencepiece import load_proto, processor
-
     sp = processor(load_proto(path))
     fallback = {i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_unknown(i)}
     return lambda lines: sp.encode(lines), fallback
 
 
 def _hf(spec: str):
-    from lora_kit.models.load import load_tokenizer, resolve_model
-
     tok = load_tokenizer(resolve_model(spec))
     fallback = set()
     for token, i in tok.get_vocab().items():

@@ -13,15 +13,29 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
+from lora_kit.data.pairs import read_prompts
+from lora_kit.data.records import Collator, conversations, read_records, split_eval, tokenize_conversations
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import check_vocab, compute_dtype, load_model
+from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.rundir import write_text
+from lora_kit.stages.ppo import core as pc
+from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
+from lora_kit.stages.ppo.roles import Roles, load_reward_fn
+from lora_kit.templates import encode, prompt_ids
+from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run, wait_for_everyone
 
 PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac", "value_loss")
 
@@ -92,7 +106,6 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
         if len(vals) != len(texts):
             raise LorakitError(f"reward_fn returned {len(vals)} values for {len(texts)} responses")
         return torch.tensor([float(v) for v in vals], device=roles.device)
-    from lora_kit.templates import encode
 
     seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0] for p, t in zip(prompts, texts)]
     width = max(len(s) for s in seqs)
@@ -103,8 +116,6 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
 # ---------------------------------------------------------------------------------------------------- one PPO step
 def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, queries, kl_ctl, moments, ptx_batch=None):
     """Roll out, score, compute advantages, update actor and critic; returns the logged statistics (over all ranks)."""
-    from lora_kit.stages.ppo import core as pc
-
     world = pc.world()[1]
     b = sample(roles, cfg, tokenizer, queries)
     texts = response_texts(b, tokenizer)
@@ -167,9 +178,6 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
 def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
     """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched. Each rank
     scores a contiguous share of the prompts; every rank returns the results of all."""
-    from lora_kit.stages.ppo import core as pc
-    from lora_kit.templates import prompt_ids
-
     rank, world = pc.world()
     share = -(-len(prompts) // world)
     prompts = prompts[rank * share:(rank + 1) * share]
@@ -198,12 +206,7 @@ def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, ke
     """checkpoints/checkpoint-N, built in a temporary directory and renamed; trainer_state.json marks it complete.
     Called on every rank: rank 0 writes the (identical) weights and optimizer state with every rank's RNG state, the
     others wait until it has."""
-    import random
 
-    from safetensors.torch import save_file
-
-    from lora_kit.stages.ppo.core import all_gather
-    from lora_kit.training.run import is_main_process, wait_for_everyone
 
     cuda = torch.cuda.get_rng_state() if roles.device.type == "cuda" else None  # rollouts sample on the GPU
     rngs = all_gather((torch.get_rng_state(), random.getstate(), cuda))
@@ -233,11 +236,7 @@ def save_checkpoint(out: Path, step: int, roles, opt, sched, kl_ctl, moments, ke
 
 def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
     """Every rank reads the checkpoint, and its own RNG state: resume at the world size that wrote it."""
-    import random
 
-    from safetensors.torch import load_file
-
-    from lora_kit.stages.ppo.core import world
 
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     rank, size = world()
@@ -263,8 +262,6 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
 
 # ---------------------------------------------------------------------------------------------------- run
 def _ptx_batches(cfg, tokenizer, template):
-    from lora_kit.data.records import Collator, conversations, read_records, tokenize_conversations
-
     convs, _ = conversations(read_records(cfg.ptx_data), "auto", cfg.skip_bad_records)
     examples, _ = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, "truncate")
     collate = Collator(tokenizer.pad_token_id)
@@ -273,19 +270,7 @@ def _ptx_batches(cfg, tokenizer, template):
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    import random
 
-    from transformers import get_scheduler
-
-    from lora_kit.data.records import split_eval
-    from lora_kit.models.load import check_vocab, compute_dtype, load_model
-    from lora_kit.models.lora import count_parameters
-    from lora_kit.rundir import write_text
-    from lora_kit.data.pairs import read_prompts
-    from lora_kit.stages.ppo.core import KLController, RunningMoments, init_processes
-    from lora_kit.stages.ppo.roles import Roles, load_reward_fn
-    from lora_kit.templates import prompt_ids
-    from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
         raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or reward_fn=package.module:function")
@@ -352,7 +337,6 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         if is_main_process():  # written now so a resumed run still shows the samples from before training
             write_text(out / "samples.jsonl", "".join(json.dumps({"when": "before", **s}, ensure_ascii=False) + "\n"
                                                       for s in samples["before"]))
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True,
                disable=not is_main_process())

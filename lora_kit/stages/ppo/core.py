@@ -11,32 +11,29 @@ identity in one process), so every rank computes the numbers one process would c
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from lora_kit.errors import LorakitError
+from lora_kit.models.load import device, sharded_by_fsdp
 
 
 # ---------------------------------------------------------------------------------------------------- processes
 def _group() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without a process group."""
-    import torch.distributed as dist
-
     return (dist.get_rank(), dist.get_world_size()) if _group() else (0, 1)
 
 
 def init_processes() -> tuple[int, int]:
     """Join the process group under torchrun (WORLD_SIZE > 1) the way the Trainer does for the other stages: accelerate's
     PartialState, with gloo on CPU (training.training_arguments' ddp_backend). Returns (rank, world size)."""
-    import os
-
-    from lora_kit.errors import LorakitError
-    from lora_kit.models.load import device, sharded_by_fsdp
 
     if sharded_by_fsdp() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         raise LorakitError("ppo runs data-parallel only (each process holds the whole model); launch it with --nproc "
@@ -53,7 +50,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     """`x` summed over the ranks (a detached copy; `x` itself in one process, where it is returned unchanged)."""
     if not _group():
         return x
-    import torch.distributed as dist
 
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     y = x.detach().to(comm, copy=True)
@@ -65,7 +61,6 @@ def all_gather(obj) -> list:
     """One picklable object from each rank, in rank order (`[obj]` in one process)."""
     if not _group():
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_kit.errors import LorakitError
+from lora_kit.stages.ppo.core import all_sum, world
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -40,8 +45,6 @@ def _adapter_dir(path: str, what: str) -> Path:
 
 def score_head_state(adapter_dir: Path) -> dict:
     """The reward model's score head (saved through modules_to_save by `lorakit rm`)."""
-    from safetensors.torch import load_file
-
     heads = {k.rsplit(".", 1)[1]: v for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()
              if ".score." in f".{k}"}
     if "weight" not in heads:
@@ -53,8 +56,6 @@ class Roles:
     """Forward passes for each role; `trainable` lists the parameters PPO optimises (actor + critic)."""
 
     def __init__(self, base_model, lora, *, sft_adapter: str = "", reward_adapter: str = "", value_from_reward=True):
-        from peft import LoraConfig, PeftModel, get_peft_model
-
         hidden = base_model.config.hidden_size
         if sft_adapter:
             sft = _adapter_dir(sft_adapter, "sft_adapter")
@@ -164,8 +165,6 @@ class Roles:
     # What DDP would do for these few tensors is two collectives, done here directly.
     def broadcast_trainable(self, src: int = 0) -> None:
         """Start every rank from rank `src`'s actor and critic (they are equal already when seeded alike)."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             for p in self.trainable:
                 dist.broadcast(p.data, src)
@@ -174,8 +173,6 @@ class Roles:
         """Sum the trainable parameters' gradients over the ranks, in one flat all_reduce. Each rank's loss is
         already divided by the token count of the whole global batch, so the sum is the global batch's gradient and
         every rank then takes the identical clipping and AdamW step."""
-        from lora_kit.stages.ppo.core import all_sum, world
-
         if world()[1] == 1:
             return
         params = self.trainable
@@ -200,9 +197,6 @@ class Roles:
 
     def save(self, out: Path) -> None:
         """Actor adapter at the root of `out`; critic as out/value/ (adapter + value_head.safetensors)."""
-        import shutil
-
-        from safetensors.torch import save_file
 
         self.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
         tmp = out / ".value-tmp"
