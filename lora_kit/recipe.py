@@ -20,11 +20,25 @@ from lora_kit.errors import LorakitError
 RECIPE_SOURCE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def arg(default: Any, help: str):
-    """A recipe field: its default and the one line shown in `--help` and `lorakit recipes --show`."""
+def arg(default: Any, help: str, valid: Optional[str] = None):
+    """A recipe field: its default, the one line shown in `--help` and `lorakit recipes --show`, and for a number its
+    valid range in interval notation (`valid="[1, inf)"`, `"(0, 1]"`), checked with the other recipe errors."""
+    meta = {"help": help, **({"valid": valid} if valid else {})}
+    if valid and not in_range(default, valid):  # a typo in a range fails at import, not in a user's run
+        raise ValueError(f"default {default!r} outside its range {valid}")
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def in_range(value, valid: str) -> bool:
+    """Whether a number lies in an interval written `[lo, hi]`, `(lo, hi)` or mixed (`inf` for no bound)."""
+    low, high = (float(x) for x in valid[1:-1].split(","))
+    if valid[0] not in "[(" or valid[-1] not in "])":
+        raise ValueError(f"bad range {valid!r}")
+    above = value >= low if valid[0] == "[" else value > low
+    below = value <= high if valid[-1] == "]" else value < high
+    return above and below
 
 
 def section(cls, help: str):
@@ -32,11 +46,18 @@ def section(cls, help: str):
 
 
 # ---------------------------------------------------------------------------------------------------- shared parts
+# ranges used by many keys
+GE0, GE1, POSITIVE = "[0, inf)", "[1, inf)", "(0, inf)"
+FRACTION = "[0, 1)"  # a held-out share: all held out would leave nothing to train on
+NORM = "[0, inf)"  # 0 turns gradient clipping off (transformers' rule)
+SEED = "[0, 4294967295]"  # numpy's seeds are 32-bit
+
+
 @dataclass
 class LoraArgs:
-    r: int = arg(8, "LoRA rank")
-    alpha: int = arg(16, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = arg(0.05, "LoRA dropout")
+    r: int = arg(8, "LoRA rank", GE1)
+    alpha: int = arg(16, "LoRA alpha (scaling = alpha / r)", GE1)
+    dropout: float = arg(0.05, "LoRA dropout", "[0, 1)")
     target_modules: str = arg("all-linear", "comma-separated module names, or all-linear")
 
 
@@ -55,32 +76,32 @@ class ModelArgs:
 class DataArgs:
     data: str = arg("", "dataset: file (json/jsonl/parquet/csv), bundled name, or hub dataset id")
     data_format: str = arg("auto", "auto | alpaca | sharegpt | messages")
-    cutoff_len: int = arg(512, "maximum tokens per record")
+    cutoff_len: int = arg(512, "maximum tokens per record", "[2, inf)")
     overlong: Literal["truncate", "drop"] = arg("truncate", "what to do with records longer than cutoff_len")
     packing: bool = arg(True, "pack several records per sequence (no attention across records, no padding)")
-    max_samples: int = arg(0, "use only the first N records (0 = all)")
-    eval_fraction: float = arg(0.0, "fraction of records held out for evaluation")
+    max_samples: int = arg(0, "use only the first N records (0 = all)", GE0)
+    eval_fraction: float = arg(0.0, "fraction of records held out for evaluation", FRACTION)
     skip_bad_records: bool = arg(False, "skip malformed records (reporting how many) instead of stopping")
 
 
 @dataclass
 class TrainArgs:
     output_dir: str = arg("", "where the adapter, tokenizer, recipe.yaml, metrics.jsonl and loss.png go")
-    max_steps: int = arg(100, "optimizer steps")
-    save_steps: int = arg(50, "checkpoint every N steps")
-    logging_steps: int = arg(5, "log metrics every N steps")
-    learning_rate: float = arg(1e-4, "peak learning rate")
+    max_steps: int = arg(100, "optimizer steps", GE1)
+    save_steps: int = arg(50, "checkpoint every N steps", GE1)
+    logging_steps: int = arg(5, "log metrics every N steps", GE1)
+    learning_rate: float = arg(1e-4, "peak learning rate", POSITIVE)
     lr_scheduler: str = arg("cosine", "transformers scheduler name")
-    warmup_ratio: float = arg(0.03, "fraction of steps for linear warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    batch_size: int = arg(4, "per-device batch size (sequences, or packed rows of cutoff_len tokens)")
-    grad_accum: int = arg(1, "gradient accumulation steps")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    seed: int = arg(42, "seed for weights init, data order and dropout")
+    warmup_ratio: float = arg(0.03, "fraction of steps for linear warmup", "[0, 1]")
+    weight_decay: float = arg(0.0, "AdamW weight decay", GE0)
+    batch_size: int = arg(4, "per-device batch size (sequences, or packed rows of cutoff_len tokens)", GE1)
+    grad_accum: int = arg(1, "gradient accumulation steps", GE1)
+    max_grad_norm: float = arg(1.0, "gradient clipping", NORM)
+    seed: int = arg(42, "seed for weights init, data order and dropout", SEED)
     resume: bool = arg(False, "continue from the newest checkpoint in output_dir")
     force: bool = arg(False, "overwrite an output_dir that holds a finished run")
     report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")
-    dataloader_workers: int = arg(0, "dataloader worker processes")
+    dataloader_workers: int = arg(0, "dataloader worker processes", GE0)
 
 
 # ---------------------------------------------------------------------------------------------------- finding recipes
@@ -256,6 +277,10 @@ def load_config(cls, recipe: Optional[str] = None, overrides: list[str] | None =
         except ValueError as e:
             problems.append(f"{source}: key '{k}' {e}")
             continue
+        valid = f.metadata.get("valid")
+        if valid and not in_range(coerced, valid):
+            problems.append(f"{source}: key '{k}' must be in {valid}, got {v}")
+            continue
         obj = config
         *parents, last = k.split(".")
         for p in parents:
@@ -284,5 +309,6 @@ def describe(cls) -> list[tuple[str, str, Any, str]]:
             obj = getattr(obj, p)
         origin = typing.get_origin(tp)
         tname = "|".join(map(str, typing.get_args(tp))) if origin is Literal else getattr(tp, "__name__", str(tp))
-        out.append((key, tname, obj, f.metadata.get("help", "")))
+        valid = f.metadata.get("valid")
+        out.append((key, tname, obj, f.metadata.get("help", "") + (f" (valid: {valid})" if valid else "")))
     return out

@@ -234,6 +234,9 @@ def test_resume_at_another_world_size_is_refused(two_proc, peaked_model_dir, tmp
     assert "resume it with --nproc 2" in capsys.readouterr().err
 
 
+COUNTED = ("clipfrac", "vf_clipfrac")  # PPO statistics that count tokens past a threshold
+
+
 def test_two_processes_match_one_process_with_the_global_batch(peaked_model_dir, tmp_path, env, monkeypatch):
     """top_k=1 makes sampling deterministic (the ranks' RNG streams differ from one process's); one mini-batch per
     epoch holds the whole global batch, so both runs take the same two updates per step on the same rows."""
@@ -256,8 +259,13 @@ def test_two_processes_match_one_process_with_the_global_batch(peaked_model_dir,
     for one, r0, r1 in zip(one_steps, steps0, steps1):
         assert one["prompts"] == r0["prompts"] + r1["prompts"]  # rank r rolls out the r-th slice of the global batch
         assert one["row"].keys() == r0["row"].keys()
+        # clip fractions count tokens on either side of a threshold: a last-bit difference between the all-reduce
+        # and one process may move a token across it, so they may differ by one token per update (of the mini-batch's
+        # response tokens); every continuous value is compared tightly
+        one_token = 1 / (one["row"]["response_len"] * 4)
         for k, v in one["row"].items():
-            assert r0["row"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+            tolerance = dict(abs=one_token + 1e-9) if k in COUNTED else dict(rel=1e-4, abs=1e-6)
+            assert r0["row"][k] == pytest.approx(v, **tolerance), k
     assert_same_adapter(saved(tmp_path / "two"), saved(tmp_path / "one"), close=1e-5, entry=1e-4)
     assert any(t.abs().max() > 1e-4 for k, t in saved(tmp_path / "one").items() if "lora_B" in k)
     evals = lambda d: [r[k] for r in rows(d) if "eval_reward" in r for k in ("eval_reward", "eval_kl")]

@@ -74,3 +74,40 @@ def test_every_command_has_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0, name
         assert f"lorakit {name}" in capsys.readouterr().out
+
+
+# the values issue 18 found training (cutoff_len=-5, max_steps=0), dying in a traceback (batch_size=0) or after the model
+# loaded (learning_rate=-1, lora.r=0), one per stage besides
+BAD_VALUES = [("sft", "cutoff_len=-5", "[2, inf)"), ("sft", "max_steps=0", "[1, inf)"),
+              ("sft", "batch_size=0", "[1, inf)"), ("sft", "learning_rate=-1", "(0, inf)"),
+              ("sft", "lora.r=0", "[1, inf)"), ("sft", "eval_fraction=1", "[0, 1)"), ("sft", "learning_rate=nan", "(0, inf)"),
+              ("rm", "center_rewards=-1", "[0, inf)"), ("dpo", "beta=0", "(0, inf)"),
+              ("pretrain", "phase2.learning_rate=-1", "(0, inf)"), ("pretrain", "block_size=1", "[2, inf)"),
+              ("ppo", "top_p=0", "(0, 1]"), ("ppo", "gamma=1.5", "[0, 1]")]
+
+
+@pytest.mark.parametrize("stage,override,valid", BAD_VALUES)
+def test_out_of_range_values_fail_before_anything_loads(stage, override, valid, tmp_path, capsys):
+    key, value = override.split("=")
+    out = tmp_path / "out"
+    for extra in (["--print-config"], []):
+        # a model that does not exist: the range error must come first, naming the key and its range
+        assert main([stage, *extra, "model=/nonexistent/model", f"output_dir={out}", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"key '{key}' must be in {valid}, got {value}") and "\n" not in err
+    assert not out.exists()
+
+
+def test_every_numeric_key_has_a_range():
+    from lora_kit.recipe import all_keys
+
+    for stage in ("sft", "pretrain", "rm", "dpo", "ppo"):
+        for key, (f, tp) in all_keys(importlib.import_module(BY_NAME[stage].module).Config).items():
+            if tp in (int, float):
+                assert "valid" in f.metadata, f"{stage}: {key} has no range"
+
+
+def test_all_range_problems_are_reported_together(capsys):
+    assert main(["sft", "--print-config", "batch_size=0", "lora.dropout=1"]) == 2
+    err = capsys.readouterr().err
+    assert "'batch_size' must be in [1, inf)" in err and "'lora.dropout' must be in [0, 1)" in err

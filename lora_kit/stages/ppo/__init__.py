@@ -29,7 +29,7 @@ from lora_kit.data.records import Collator, conversations, read_records, split_e
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import count_parameters
-from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.rundir import write_text
 from lora_kit.stages.ppo import core as pc
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
@@ -46,26 +46,26 @@ class Config(ModelArgs, DataArgs, TrainArgs):
     sft_adapter: str = arg("", "SFT adapter the actor starts from (also the frozen reference); empty = base")
     reward_adapter: str = arg("", "reward model from `lorakit rm` (adapter + score head)")
     reward_fn: str = arg("", "rule-based reward instead: package.module:function(prompts, responses) -> floats")
-    max_new_tokens: int = arg(48, "tokens sampled per response")
-    temperature: float = arg(1.0, "sampling temperature (log-probs use the same temperature)")
-    top_k: int = arg(0, "top-k sampling (0 = off)")
-    top_p: float = arg(1.0, "nucleus sampling (1 = off)")
-    mini_batch_size: int = arg(4, "prompts per PPO update; batch_size prompts are rolled out per step")
-    ppo_epochs: int = arg(2, "passes over each rollout batch")
-    clip_range: float = arg(0.2, "PPO ratio clip (Schulman et al. 2017)")
-    value_clip: float = arg(0.2, "value prediction clip around the rollout values")
-    vf_coef: float = arg(0.1, "value loss weight (TRL's PPOv2 default)")
-    gamma: float = arg(1.0, "discount")
-    lam: float = arg(0.95, "GAE lambda")
-    init_kl_coef: float = arg(0.05, "per-token KL penalty coefficient at the start")
-    kl_target: float = arg(6.0, "adaptive KL target per response (0 = fixed coefficient)")
-    kl_horizon: int = arg(10000, "adaptive KL horizon (Ziegler et al. 2019)")
+    max_new_tokens: int = arg(48, "tokens sampled per response", GE1)
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same temperature)", POSITIVE)
+    top_k: int = arg(0, "top-k sampling (0 = off)", GE0)
+    top_p: float = arg(1.0, "nucleus sampling (1 = off)", "(0, 1]")
+    mini_batch_size: int = arg(4, "prompts per PPO update; batch_size prompts are rolled out per step", GE1)
+    ppo_epochs: int = arg(2, "passes over each rollout batch", GE1)
+    clip_range: float = arg(0.2, "PPO ratio clip (Schulman et al. 2017)", POSITIVE)
+    value_clip: float = arg(0.2, "value prediction clip around the rollout values", POSITIVE)
+    vf_coef: float = arg(0.1, "value loss weight (TRL's PPOv2 default)", GE0)
+    gamma: float = arg(1.0, "discount", "[0, 1]")
+    lam: float = arg(0.95, "GAE lambda", "[0, 1]")
+    init_kl_coef: float = arg(0.05, "per-token KL penalty coefficient at the start", GE0)
+    kl_target: float = arg(6.0, "adaptive KL target per response (0 = fixed coefficient)", GE0)
+    kl_horizon: int = arg(10000, "adaptive KL horizon (Ziegler et al. 2019)", GE1)
     normalize_reward: bool = arg(True, "normalise scores with running mean/std")
-    reward_clip: float = arg(10.0, "clip normalised scores to ±this")
+    reward_clip: float = arg(10.0, "clip normalised scores to ±this", POSITIVE)
     value_from_reward: bool = arg(True, "initialise the critic from the reward model (InstructGPT)")
     ptx_data: str = arg("", "PPO-ptx: SFT dataset mixed into every update (InstructGPT)")
-    ptx_coef: float = arg(0.0, "PPO-ptx: weight of the language-modelling loss")
-    eval_samples: int = arg(16, "held-out prompts scored at the start and end (with eval_fraction > 0)")
+    ptx_coef: float = arg(0.0, "PPO-ptx: weight of the language-modelling loss", GE0)
+    eval_samples: int = arg(16, "held-out prompts scored at the start and end (with eval_fraction > 0)", GE0)
 
 
 # ---------------------------------------------------------------------------------------------------- rollouts
