@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 DEMO    ?= runs/demo-sft
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo demo-vocab test test-fast clean compare-peers
+.PHONY: setup demo demo-vocab lint test test-fast clean compare-peers
 
 setup: $(VENV)/.installed
 
@@ -40,10 +40,14 @@ COMPARE_ARGS ?=
 compare-peers: setup
 	TORCH="$(TORCH)" $(PY) benchmarks/compare_peers.py --setup $(COMPARE_ARGS)
 
-test: setup
+# ruff checks (pyproject.toml [tool.ruff]) only; it never reformats: the code base keeps its own dense style.
+lint: setup
+	$(PY) -m ruff check
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

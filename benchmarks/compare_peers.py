@@ -114,8 +114,8 @@ def one_run(w, tool: str, mode: str, quant: str, index: int) -> dict:
     tail = r["losses"][-5:]
     r.update(tool=tool, mode=mode, quant=quant, tokens_per_s=r["tokens"] / r["train_s"],
              final_loss=sum(tail) / len(tail), fill=r["tokens"] / r["padded_positions"])
-    print(f"    {r['tokens_per_s']:.1f} tokens/s, {r['tokens']} tokens in {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s, "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB, loss {r['final_loss']:.4f}", flush=True)
+    print(f"    {r['tokens_per_s']:.1f} tokens/s, {r['tokens']} tokens in {r['train_s']:.1f} s, "
+          f"wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, loss {r['final_loss']:.4f}", flush=True)
     return r
 
 
@@ -126,7 +126,8 @@ def versions(tool: str) -> str:
     text = r.stdout.strip() or r.stderr.strip().splitlines()[-1]
     if tool == "lorakit":  # the tree measured: commit, and whether it had uncommitted changes
         git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
-        text += f" (git {git('rev-parse', '--short', 'HEAD')}{', uncommitted changes' if git('status', '--porcelain', '--untracked-files=no') else ''})"
+        dirty = ", uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+        text += f" (git {git('rev-parse', '--short', 'HEAD')}{dirty})"
     return text
 
 
@@ -176,7 +177,8 @@ def profiles(w, runs: list[dict], top: int = 16) -> None:
     print(f"  profile: self CPU s per training step (forward+backward, {w.profile} steps after 2; calls per step)")
     print(f"  {'op':<44}" + "".join(f"{t:>22}" for t in by_tool))
     for name in names[:top + 1]:
-        cells = [f"{ops[name][0]:8.3f} ({ops[name][1]:>5})" if name in ops else f"{'-':>16}" for ops in by_tool.values()]
+        cells = [f"{ops[name][0]:8.3f} ({ops[name][1]:>5})" if name in ops else f"{'-':>16}"
+                 for ops in by_tool.values()]
         print(f"  {name[:44]:<44}" + "".join(f"{c:>22}" for c in cells))
 
 

@@ -53,8 +53,8 @@ def warm_up(model_dir: str, method: str, dtype: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_kit.models.lora import attach_lora
     from lora_kit.models.load import load_model
+    from lora_kit.models.lora import attach_lora
     from lora_kit.recipe import LoraArgs
 
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -75,8 +75,8 @@ def measure(model_dir: str, case: str) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from lora_kit.models.lora import attach_lora
     from lora_kit.models.load import load_model
+    from lora_kit.models.lora import attach_lora
     from lora_kit.recipe import LoraArgs
 
     method, dtype, batch, seq, dropout = CASES[case]

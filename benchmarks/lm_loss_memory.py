@@ -32,11 +32,11 @@ def rss_mb(field: str) -> float:
 def child(mode: str, block: int, steps: int, head: str) -> dict:
     import torch
 
+    from lora_kit.models.load import load_model, resolve_model
+    from lora_kit.models.lora import attach_lora
+    from lora_kit.recipe import LoraArgs
     from lora_kit.training import loss as lmloss
     from lora_kit.training.loss import Trainer
-    from lora_kit.models.lora import attach_lora
-    from lora_kit.models.load import load_model, resolve_model
-    from lora_kit.recipe import LoraArgs
 
     torch.manual_seed(0)
     model = load_model(resolve_model("smollm2-135m"), dtype="fp32")

@@ -1,6 +1,6 @@
 """This machine's matmul peak: GFLOP/s of a 2048x576 @ 576x1536 matmul (a SmolLM2 MLP projection over 2048 tokens) in
-fp32, bf16, and fp32 under bf16 autocast. The reference for achieved training FLOP/s; it also shows whether bf16 pays off
-here (with AMX it does; with avx512_bf16 alone it was slower). Run: python benchmarks/matmul_peak.py [--repeats 20]
+fp32, bf16, and fp32 under bf16 autocast. The reference for achieved training FLOP/s; it also shows whether bf16 pays
+off here (with AMX it does; with avx512_bf16 alone it was slower). Run: python benchmarks/matmul_peak.py [--repeats 20]
 """
 import argparse
 import time

@@ -35,9 +35,9 @@ def split_news(work: Path) -> tuple[Path, Path]:
 def base_bpc(eval_file: Path, max_docs: int, block_size: int) -> dict:
     import torch
 
+    from lora_kit.data.text import iter_documents
     from lora_kit.evaluate.bpc import score_documents
     from lora_kit.models.load import load_model, load_tokenizer, resolve_model
-    from lora_kit.data.text import iter_documents
 
     base = resolve_model("smollm2-135m")
     docs = list(iter_documents(str(eval_file)))[:max_docs]

@@ -95,7 +95,8 @@ def main() -> None:
             sys.exit(r.stderr[-3000:])
         results[case] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{case:<11} peak RSS {results[case]['peak_rss_mb']:>7.0f} MiB  wall {results[case]['wall_s']:>5.0f} s  "
-              f"(sampled peaks: anonymous {results[case]['anon_peak_mb']:.0f}, file-backed {results[case]['file_peak_mb']:.0f} MiB)  "
+              f"(sampled peaks: anonymous {results[case]['anon_peak_mb']:.0f}, "
+              f"file-backed {results[case]['file_peak_mb']:.0f} MiB)  "
               f"loss {results[case]['loss']}", flush=True)
     base = results.get("lora-bf16")
     print(f"model: {size / 2**30:.2f} GiB bf16 safetensors")

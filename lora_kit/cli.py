@@ -68,7 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     listing = "\n".join(f"  {c.name:<{width}}  {c.help}" for c in COMMANDS)
     top = argparse.ArgumentParser(prog="lorakit", formatter_class=argparse.RawDescriptionHelpFormatter,
                                   description="Adapt open LLMs to Chinese with LoRA/QLoRA.",
-                                  epilog=f"commands:\n{listing}\n\n`lorakit COMMAND --help` for each command's options.")
+                                  epilog=f"commands:\n{listing}\n\n"
+                                         "`lorakit COMMAND --help` for each command's options.")
     top.add_argument("command", nargs="?", choices=[c.name for c in COMMANDS], metavar="COMMAND")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()

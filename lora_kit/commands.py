@@ -21,9 +21,12 @@ class Command:
 
 
 COMMANDS = [
-    Command("extend-vocab", "lora_kit.vocab.extend", "train a Chinese vocabulary, merge it into the base tokenizer, resize the model"),
-    Command("tokstats", "lora_kit.vocab.tokstats", "compare tokenizers on a text file: tokens, chars/token, byte fallback"),
-    Command("pretrain", "lora_kit.stages.pretrain", "two-phase continued pretraining (new embeddings, then LoRA)", "zh_pretrain"),
+    Command("extend-vocab", "lora_kit.vocab.extend",
+            "train a Chinese vocabulary, merge it into the base tokenizer, resize the model"),
+    Command("tokstats", "lora_kit.vocab.tokstats",
+            "compare tokenizers on a text file: tokens, chars/token, byte fallback"),
+    Command("pretrain", "lora_kit.stages.pretrain",
+            "two-phase continued pretraining (new embeddings, then LoRA)", "zh_pretrain"),
     Command("sft", "lora_kit.stages.sft", "LoRA/QLoRA instruction tuning", "alpaca_zh"),
     Command("rm", "lora_kit.stages.rm", "reward model: LoRA + scalar head, pairwise ranking loss", "rm_zh"),
     Command("ppo", "lora_kit.stages.ppo", "RLHF with PPO on LoRA adapters over one shared base", "ppo_zh"),

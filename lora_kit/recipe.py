@@ -65,7 +65,8 @@ class LoraArgs:
 class ModelArgs:
     model: str = arg("smollm2-135m", "alias (smollm2-135m), local directory or hub id")
     quantization: Literal["none", "4bit", "8bit"] = arg("none", "none | 4bit (QLoRA, NF4) | 8bit (LLM.int8)")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto picks bf16/fp16/fp32 from the hardware")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto",
+                                                         "compute dtype; auto picks bf16/fp16/fp32 from the hardware")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = arg(False, "run model code shipped with the checkpoint (off unless you trust it)")
     allow_pickle: bool = arg(False, "also load pickle (.bin) weights; safetensors only by default")

@@ -1,4 +1,5 @@
-"""Output directories: the contract every command writes (run.json, recipe.yaml) and atomic, refuse-to-overwrite writing.
+"""Output directories: the contract every command writes (run.json, recipe.yaml) and atomic, refuse-to-overwrite
+writing.
 
 An output is built in a hidden temporary sibling and renamed into place, so an interrupted command never leaves a
 directory that looks complete. `run.json` is what downstream commands read (base model, new token ids, stage).

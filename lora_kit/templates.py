@@ -40,17 +40,20 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
 register(Template("alpaca", user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos}\n\n",
                   default_system=ALPACA_SYSTEM, prefix="{bos}"))
 # Chinese-Alpaca-2 uses LLaMA-2-chat's format with a bilingual system prompt (ymcui/Chinese-LLaMA-Alpaca-2).
-_LLAMA2 = dict(user="{bos}[INST] {content} [/INST]", first_user="{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+_LLAMA2 = dict(user="{bos}[INST] {content} [/INST]",
+               first_user="{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
                assistant=" {content} {eos}", system="")
 register(Template("llama2", **_LLAMA2))
-register(Template("chinese-alpaca-2", default_system="You are a helpful assistant. 你是一个乐于助人的助手。", **_LLAMA2))
+register(Template("chinese-alpaca-2", default_system="You are a helpful assistant. 你是一个乐于助人的助手。",
+                  **_LLAMA2))
 register(Template("vicuna", user="USER: {content} ASSISTANT:", assistant="{content}{eos}", system="{content} ",
-                  default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
-                                 "gives helpful, detailed, and polite answers to the user's questions.", prefix="{bos}"))
-register(Template("chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
-                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", assistant="{content}<|im_end|>\n"))
-register(Template("qwen", system="<|im_start|>system\n{content}<|im_end|>\n", default_system="You are a helpful assistant.",
-                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", assistant="{content}<|im_end|>\n"))
+                  default_system="A chat between a curious user and an artificial intelligence assistant. "
+                                 "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+                  prefix="{bos}"))
+_CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
+               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", assistant="{content}<|im_end|>\n")
+register(Template("chatml", **_CHATML))
+register(Template("qwen", default_system="You are a helpful assistant.", **_CHATML))
 register(Template("chatglm3", system="<|system|>\n{content}", user="<|user|>\n{content}<|assistant|>",
                   assistant="\n{content}", prefix="[gMASK]sop"))
 register(Template("baichuan2", user="<reserved_106>{content}<reserved_107>", assistant="{content}{eos}"))

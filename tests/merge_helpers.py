@@ -19,7 +19,8 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int = 0, r: int = 4, alpha:
         cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
         kw = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
         model = cls.from_pretrained(base_dir, dtype=torch.float32, **kw)
-    extra = {"trainable_token_indices": {"embed_tokens": list(trainable_token_indices)}} if trainable_token_indices else {}
+    extra = ({"trainable_token_indices": {"embed_tokens": list(trainable_token_indices)}}
+             if trainable_token_indices else {})
     if task_type == "SEQ_CLS":
         extra["modules_to_save"] = ["score"]
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type=task_type, use_rslora=rslora, **extra)

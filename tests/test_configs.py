@@ -2,14 +2,12 @@
 argument validation and environment, then DeepSpeedPlugin / FullyShardedDataParallelPlugin in a worker; DeepSpeed JSON
 "auto" values are all filled from a lorakit recipe by transformers' HfTrainerDeepSpeedConfig. The engines themselves
 need GPUs (and the deepspeed package), so nothing here trains."""
-import json
 import os
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -144,8 +142,8 @@ def test_fsdp_qlora_config_and_quant_storage(tiny_model_dir):
     attach_lora must leave the norms in that dtype instead of upcasting them to fp32."""
     import bitsandbytes as bnb
 
-    from lora_kit.models.lora import attach_lora
     from lora_kit.models.load import load_model, quantization_config
+    from lora_kit.models.lora import attach_lora
     from lora_kit.recipe import LoraArgs
 
     plugin, env = fsdp_plugin("fsdp_qlora")
@@ -211,8 +209,8 @@ def test_qlora_keeps_unquantized_weights_in_bf16_and_upcasts_only_fp16(tiny_unti
     a saved score head) are fp32 master weights either way."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_kit.models.lora import attach_lora
     from lora_kit.models.load import load_model
+    from lora_kit.models.lora import attach_lora
     from lora_kit.recipe import LoraArgs
 
     lora = LoraArgs(r=4, alpha=8, dropout=0.0)

@@ -39,7 +39,8 @@ def test_multiturn_sharegpt_trains_every_assistant_turn(tok, tmp_path):
     f = write_jsonl(tmp_path / "s.jsonl", [rec])
     (_, msgs), = conversations(read_records(str(f)))[0]
     input_ids, labels = encode(tok, resolve("auto", tok), msgs)
-    parts = [("<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False),
+    parts = [("<|im_start|>system\n你是助手<|im_end|>\n"
+              "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False),
              ("你好！<|im_end|>\n", True), ("<|im_start|>user\n再见<|im_end|>\n<|im_start|>assistant\n", False),
              ("再见！<|im_end|>\n", True)]
     want_ids, want_labels = [], []
@@ -59,8 +60,9 @@ def test_registry_template_alpaca_masks_prompt_and_trains_eos(tok):
 
 
 def test_every_registry_template_renders_a_two_turn_conversation(tok):
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"}]
     for name, t in TEMPLATES.items():
         input_ids, labels = encode(tok, t, msgs)
         trained = tok.decode([i for i, l in zip(input_ids, labels) if l != -100])

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from conftest import write_jsonl
 from lora_kit.cli import main
-from lora_kit.data.records import BUNDLED_DIR
 from lora_kit.data.check import check
+from lora_kit.data.records import BUNDLED_DIR
 
 BAD_PAIRS = [
     {"instruction": "q", "chosen": "a", "rejected": "b"},  # 1 fine
@@ -79,7 +79,8 @@ def test_format_option_overrides_detection(tmp_path, capsys):
     code, out = run_check(capsys, sft, "--format", "text")
     assert code == 1 and out[0] == f"{sft}:1: field 'text' is missing"
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "q"}, {"prompt": ""}, {"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "assistant", "content": "c"}]}])
     code, out = run_check(capsys, prompts, "--format", "prompts")
     assert out[:-1] == [f"{prompts}:2: field 'prompt' is empty",
                         f"{prompts}:3: field 'messages': the prompt must end with a user turn"]
@@ -105,7 +106,8 @@ def test_text_file_and_jsonl_text(tmp_path, capsys):
                                  f"{d / 'b.jsonl'}:2: field 'text' is empty", f"{d}: 3 documents, 2 problems"]
     empty = tmp_path / "e.txt"
     empty.write_text("\n \n", encoding="utf-8")
-    assert run_check(capsys, empty) == (1, [f"{empty}: no text (every line is empty)", f"{empty}: 0 documents, 1 problems"])
+    assert run_check(capsys, empty) == (1, [f"{empty}: no text (every line is empty)",
+                                            f"{empty}: 0 documents, 1 problems"])
 
 
 def test_over_cutoff_counted_with_the_training_template(tiny_model_dir, tmp_path, capsys):
@@ -123,7 +125,8 @@ def test_training_stops_on_the_first_problem_check_reports(stage, tiny_model_dir
         data = tmp_path / "t.txt"
         data.write_bytes(b"good line one\ngood line two\nbad \xff\n")
     elif stage == "ppo":
-        data = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "q"}, {"messages": [{"role": "robot", "content": "x"}]}])
+        data = write_jsonl(tmp_path / "q.jsonl",
+                           [{"instruction": "q"}, {"messages": [{"role": "robot", "content": "x"}]}])
     else:
         data = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "q", "chosen": "a", "rejected": "b"},
                                                   {"instruction": "q", "chosen": "a", "rejected": 7}])
@@ -139,7 +142,8 @@ def test_training_stops_on_the_first_problem_check_reports(stage, tiny_model_dir
 keys = st.sampled_from(["instruction", "input", "chosen", "rejected", "responses", "conversations", "messages", "from",
                         "value", "role", "content", "text", "prompt", "system", "history"])
 values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3), max_leaves=8)
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
+                      max_leaves=8)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from lora_kit.recipe import load_config
@@ -169,8 +168,9 @@ def test_accelerate_launch_with_the_bundled_ddp_config(two_proc, tiny_model_dir,
     """What FACTS found failing (`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate's CPU path
     expects mpirun) works with the DDP config: MULTI_GPU goes through torchrun, and the Trainer picks gloo on CPU."""
     out = tmp_path / "acc"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
-           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "lora_kit.cli", "sft",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "lora_kit.cli", "sft",
            *overrides(tiny_model_dir, out, 2)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]

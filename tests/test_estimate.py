@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.estimate import GIB, KNOWN, Setup, Shape, estimate, load_shape

@@ -21,7 +21,8 @@ def test_gguf_reads_back_with_extended_vocab(tiny_untied_model_dir, tmp_path, ki
     assert main(["merge", "--adapter", str(ad), "--output", str(out), "--format", "gguf", "--gguf-type", kind]) == 0
     run = json.loads((out / "run.json").read_text())
     path = out / run["gguf_file"]
-    assert path.name == f"model-{kind}.gguf" and sorted(p.name for p in out.iterdir()) == sorted([path.name, "run.json"])
+    assert path.name == f"model-{kind}.gguf"
+    assert sorted(p.name for p in out.iterdir()) == sorted([path.name, "run.json"])
 
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}

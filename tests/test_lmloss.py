@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_kit.training import loss as lmloss
 from lora_kit.models.lora import attach_lora, attach_token_rows, token_row_targets
 from lora_kit.recipe import LoraArgs
+from lora_kit.training import loss as lmloss
 from loss_helpers import assert_loss_and_grads_match_the_models_own
 
 

@@ -1,4 +1,5 @@
-"""`lorakit merge` on the tiny LLaMAs: merged logits equal base + adapters (PEFT), extended vocabulary, chains, heads."""
+"""`lorakit merge` on the tiny LLaMAs: merged logits equal base + adapters (PEFT), extended vocabulary, chains,
+heads."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,8 @@ def test_merge_equals_base_plus_adapter(fixture, request, tmp_path, capsys):
 
 
 def test_extended_vocab_and_chained_adapters(tiny_untied_model_dir, tmp_path):
-    ext, new_ids = extend_model(tiny_untied_model_dir, tmp_path / "ext", ["大语言模型", "词表扩充", "继续预训练", "中文能力"])
+    ext, new_ids = extend_model(tiny_untied_model_dir, tmp_path / "ext",
+                                ["大语言模型", "词表扩充", "继续预训练", "中文能力"])
     # pretraining adapter trains the new embedding rows; the SFT adapter on top is LoRA only (Chinese-Alpaca order)
     pt = make_adapter(ext, tmp_path / "pt", seed=1, trainable_token_indices=new_ids, new_token_ids=new_ids)
     sft = make_adapter(ext, tmp_path / "sft", seed=2, targets=["q_proj", "v_proj", "down_proj"], new_token_ids=new_ids)

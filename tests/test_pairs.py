@@ -4,8 +4,8 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from lora_kit.errors import LorakitError
 from lora_kit.data.pairs import build_preference_data, read_pairs, read_prompts
+from lora_kit.errors import LorakitError
 
 
 def test_demo_sharegpt_pairs_parse():

@@ -24,8 +24,8 @@ def peaked_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     tok.save_pretrained(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 

@@ -37,7 +37,8 @@ def test_policy_loss_clips_and_counts():
 
 
 def test_value_loss_clipped():
-    loss, frac = pc.value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.5)
+    loss, frac = pc.value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1),
+                               0.5)
     assert torch.isclose(loss, torch.tensor(0.5 * 1.5 ** 2)) and frac.item() == 1.0
 
 

@@ -32,8 +32,8 @@ def worker() -> int:
     rank<R>.json (per step: its prompts and the statistics ppo_step returned) into $PPO_RANK_DIR."""
     from safetensors.torch import save_file
 
-    import lora_kit.stages.ppo.roles as roles_mod
     import lora_kit.stages.ppo as ppo
+    import lora_kit.stages.ppo.roles as roles_mod
     from lora_kit.cli import main
 
     made, steps = [], []
@@ -65,7 +65,8 @@ def ragged_batch(rows=6):
 
 
 def stats_worker(side: Path) -> int:
-    """Under torchrun: rank r whitens and normalises rows [3r, 3r + 3) of `ragged_batch`, through ppo_core's all-reduces."""
+    """Under torchrun: rank r whitens and normalises rows [3r, 3r + 3) of `ragged_batch`, through ppo_core's
+    all-reduces."""
     from lora_kit.stages.ppo import core as pc
 
     rank, world = pc.init_processes()

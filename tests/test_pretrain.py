@@ -147,7 +147,8 @@ def test_phase2_changes_lora_and_the_rows_only_and_continues_phase1(ext_untied, 
     run = read_run(out)
     assert set(run["evals"]) == {"before", "phase1", "phase2"} and run["phases"] == [1, 2]
     assert all(run["throughput"][p]["tokens_per_s"] > 0 for p in ("phase1", "phase2"))
-    assert (out / "adapter_model.safetensors").read_bytes() == (out / "phase2" / "adapter_model.safetensors").read_bytes()
+    adapter = "adapter_model.safetensors"
+    assert (out / adapter).read_bytes() == (out / "phase2" / adapter).read_bytes()
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ def sft(model_dir, out, *extra):
 
 
 def test_adapter_from_another_base_is_refused(tiny_model_dir, tmp_path, capsys):
-    from conftest import build_tiny_llama
     from transformers import AutoTokenizer
+
+    from conftest import build_tiny_llama
 
     assert main(sft(tiny_model_dir, tmp_path / "a")) == 0
     other = tmp_path / "other"
@@ -68,7 +69,8 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_model_dir, tmp_path):
     with pytest.raises(LorakitError) as e:
         job.trainer.train()
     assert str(e.value).startswith("loss is nan at step 4; stopped. Last good checkpoint: ")
-    assert str(e.value).split("Last good checkpoint: ")[1].startswith(str(tmp_path / "o" / "checkpoints" / "checkpoint-2"))
+    last_good = str(e.value).split("Last good checkpoint: ")[1]
+    assert last_good.startswith(str(tmp_path / "o" / "checkpoints" / "checkpoint-2"))
     assert not (tmp_path / "o" / "run.json").exists()
 
 

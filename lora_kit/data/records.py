@@ -137,7 +137,8 @@ def _read_hub(spec: str) -> list[Record]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # the hub library raises many types; the user needs one line
-        raise LorakitError(f"{spec}: not a file, bundled dataset or loadable hub dataset ({str(e).splitlines()[0]})") from None
+        raise LorakitError(f"{spec}: not a file, bundled dataset or loadable hub dataset "
+                           f"({str(e).splitlines()[0]})") from None
     return [Record(spec, n, dict(r)) for n, r in enumerate(ds, 1)]
 
 

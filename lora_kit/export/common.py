@@ -101,7 +101,8 @@ class Adapter:
             idx, val = self.rows[key]
             if int(idx.max()) >= w.shape[0]:
                 raise LorakitError(f"{self.path}: trainable token id {int(idx.max())} is beyond the base model's "
-                                   f"{w.shape[0]} embedding rows; merge into the extended model from `lorakit extend-vocab`")
+                                   f"{w.shape[0]} embedding rows; merge into the extended model from "
+                                   "`lorakit extend-vocab`")
             w = w.index_copy(0, idx, val.float())
         if key in self.lora:
             d = self.lora[key].delta()
@@ -251,7 +252,8 @@ class Checkpoint:
                 self.keys.append(k)
                 self.file_of[k] = fname
         self.close()
-        self.config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
+        config = self.path / "config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
 
     def shard_files(self) -> list[str]:
         return sorted(set(self.files.values())) if self.files else ["model.safetensors"]

@@ -1,5 +1,6 @@
 """`lorakit extract-lora`: a rank-K LoRA adapter from a fully fine-tuned model (truncated SVD of each linear layer's
-W_tuned − W_base; changed embedding rows kept as trainable-token rows, changed norms saved whole), read tensor by tensor.
+W_tuned − W_base; changed embedding rows kept as trainable-token rows, changed norms saved whole), read tensor by
+tensor.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def add_tokenizer(writer, src: Path, rows: int) -> None:
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
         writer.add_token_merges(merges)
         pre = spec.get("pre_tokenizer") or {}
-        writer.add_tokenizer_pre("gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default")
+        byte_regex = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+        writer.add_tokenizer_pre("gpt-2" if byte_regex else "default")
         model = "gpt2"
     for i in range(len(tokens), rows):  # added tokens (the extended vocabulary), then padding rows
         tokens.append(added[i].content if i in added else f"[PAD{i}]")

@@ -162,7 +162,8 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
     config.vocab_size = rows
     config.tie_word_embeddings = tied
     if task == "SEQ_CLS":
-        config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.architectures or []]
+        config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification")
+                                for a in config.architectures or []]
         config.num_labels = 1
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -189,6 +190,6 @@ def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: tor
         print("lorakit merge: warning: the adapter changes logits less than the tolerance, so this check cannot tell "
               "a correct merge from a missing one; merge with --dtype fp32 for an exact check")
     if not res["ok"]:
-        raise LorakitError(f"verification failed: merged logits differ from base + adapters by {res['max_abs_diff']:.3g}"
-                           f" > {res['tolerance']:.3g}; nothing was written")
+        raise LorakitError(f"verification failed: merged logits differ from base + adapters by "
+                           f"{res['max_abs_diff']:.3g} > {res['tolerance']:.3g}; nothing was written")
     return res

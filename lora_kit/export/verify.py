@@ -46,8 +46,8 @@ class LazyWeights:
                 owners.append((mname, module, pname, p))
         # tied weights (lm_head -> embed_tokens) have no key of their own: found through the shared Parameter or,
         # when the empty model was not tied, through the model's tied-weights table
-        tied = getattr(model, "_tied_weights_keys", None) if getattr(model.config, "tie_word_embeddings", False) else None
-        tied = tied if isinstance(tied, dict) else {}
+        tied = getattr(model, "_tied_weights_keys", None)
+        tied = tied if isinstance(tied, dict) and getattr(model.config, "tie_word_embeddings", False) else {}
 
         def key_for(name, p):
             key = key_of_param.get(id(p))
@@ -150,5 +150,6 @@ def compare(ref: torch.Tensor, bare: torch.Tensor, out: torch.Tensor, dtype: tor
     diff = float((out - ref).abs().max())
     scale = max(1.0, float(ref.abs().max()))
     tol = TOLERANCE.get(dtype, 1e-4) * scale
-    return {"max_abs_diff": diff, "tolerance": tol, "dtype": str(dtype)[6:], "adapter_effect": float((ref - bare).abs().max()),
+    return {"max_abs_diff": diff, "tolerance": tol, "dtype": str(dtype)[6:],
+            "adapter_effect": float((ref - bare).abs().max()),
             "ok": diff <= tol and bool(torch.isfinite(out).all() and torch.isfinite(ref).all())}

@@ -59,8 +59,9 @@ class Shape:
             raise LorakitError(f"{where}: not a LLaMA-style decoder config (missing {', '.join(missing)})")
         h, a = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         return cls(hidden=h, intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
-                   heads=a, kv_heads=int(cfg.get("num_key_value_heads") or a), head_dim=int(cfg.get("head_dim") or h // a),
-                   vocab=int(cfg["vocab_size"]), tied=bool(cfg.get("tie_word_embeddings", False)))
+                   heads=a, kv_heads=int(cfg.get("num_key_value_heads") or a),
+                   head_dim=int(cfg.get("head_dim") or h // a), vocab=int(cfg["vocab_size"]),
+                   tied=bool(cfg.get("tie_word_embeddings", False)))
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of the seven linear layers of one decoder layer, in LINEARS order."""

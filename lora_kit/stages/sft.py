@@ -86,7 +86,8 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
     model = attach_lora(model, cfg.lora, trainable_token_indices=new_ids if cfg.train_new_tokens else None,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    per_step = cfg.batch_size * cfg.grad_accum * (cfg.cutoff_len if cfg.packing else stats.tokens // max(stats.records, 1))
+    row_tokens = cfg.cutoff_len if cfg.packing else stats.tokens // max(stats.records, 1)
+    per_step = cfg.batch_size * cfg.grad_accum * row_tokens
     print(f"lorakit sft: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), trainable {trainable:,} / "
           f"{total:,} parameters ({trainable / total:.2%}); ~{per_step:,} tokens per optimizer step", flush=True)
     if dry_run:

@@ -70,7 +70,8 @@ def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
 class Trainer(transformers.Trainer):
     """Computes the loss from the final hidden states at the trained positions (SFT labels only assistant tokens, ~9%
     of a packed alpaca_zh row; pretraining trains all). The model call still goes through every wrapper (DDP, PEFT);
-    its own head sees no position (`logits_to_keep` is an all-false mask). Same sum and normaliser as the model's loss."""
+    its own head sees no position (`logits_to_keep` is an all-false mask). Same sum and normaliser as the model's
+    loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]

@@ -1,5 +1,6 @@
 """What every training stage shares around the library trainer: output layout and resume rules, TrainingArguments from
-a recipe, metrics.jsonl + progress bar + loss.png callbacks, NaN guard, and the final save of adapter/tokenizer/run.json.
+a recipe, metrics.jsonl + progress bar + loss.png callbacks, NaN guard, and the final save of
+adapter/tokenizer/run.json.
 
 Layout of an output_dir: adapter at the root, tokenizer, recipe.yaml, run.json (written last: marks a finished run),
 metrics.jsonl, loss.png, checkpoints/checkpoint-N (resumable).
@@ -142,7 +143,8 @@ def training_arguments(cfg, out: Path, dtype: torch.dtype, args_class=None, **ex
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg.report_to),
         save_strategy="steps", save_total_limit=2, remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_workers, include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False, use_cpu=device() == "cpu", ddp_backend="gloo" if device() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=False, use_cpu=device() == "cpu",
+        ddp_backend="gloo" if device() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False, logging_nan_inf_filter=False,  # NaN must reach MetricsCallback
         **precision_flags(dtype))
     kw.update(extra)

@@ -1,5 +1,6 @@
 """Byte-level BPE bases (SmolLM2, LLaMA-3, Qwen): add Chinese pieces as tokens together with the merges that build them
-from the base's own segmentation; every new merge yields a token that proves a Han character, so other text is untouched.
+from the base's own segmentation; every new merge yields a token that proves a Han character, so other text is
+untouched.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def is_bytelevel(doc: dict) -> bool:
 
 
 class Merger:
-    """The base BPE (vocab + ranked merges) that new merges are appended to; encodes single pre-tokens like `tokenizers`."""
+    """The base BPE (vocab + ranked merges) that new merges are appended to; encodes single pre-tokens like
+    `tokenizers` does."""
 
     def __init__(self, doc: dict):
         model = doc["model"]

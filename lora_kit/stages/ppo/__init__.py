@@ -150,7 +150,8 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
             vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip,
                                         count)
             loss = pg + cfg.vf_coef * vl
-            ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros((), device=roles.device)  # a per-rank mean: sums to the mean
+            # a per-rank mean: the all-reduce sums the ranks' shares to the mean
+            ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros((), device=roles.device)
             loss = loss + cfg.ptx_coef * ptx if use_ptx else loss
             loss.backward()
             roles.all_reduce_grads()
@@ -195,7 +196,8 @@ def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
             ref = pc.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
             kl += ((lp - ref) * b["rmask"]).sum(-1).tolist()
             total += s.tolist()
-            rows += [{"prompt": p[-1]["content"], "response": t, "score": round(float(v), 4)} for p, t, v in zip(ps, texts, s)]
+            rows += [{"prompt": p[-1]["content"], "response": t, "score": round(float(v), 4)}
+                     for p, t, v in zip(ps, texts, s)]
     per_rank = pc.all_gather((total, kl, rows))
     total, kl, rows = ([x for part in parts for x in part] for parts in zip(*per_rank))
     return sum(total) / len(total), sum(kl) / len(kl), rows
@@ -273,9 +275,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
-        raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or reward_fn=package.module:function")
+        raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or "
+                           "reward_fn=package.module:function")
     if cfg.batch_size % cfg.mini_batch_size:
-        raise LorakitError(f"batch_size ({cfg.batch_size}) must be a multiple of mini_batch_size ({cfg.mini_batch_size})")
+        raise LorakitError(f"batch_size ({cfg.batch_size}) must be a multiple of "
+                           f"mini_batch_size ({cfg.mini_batch_size})")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     rank, world = init_processes()
 

@@ -32,8 +32,9 @@ def world() -> tuple[int, int]:
 
 
 def init_processes() -> tuple[int, int]:
-    """Join the process group under torchrun (WORLD_SIZE > 1) the way the Trainer does for the other stages: accelerate's
-    PartialState, with gloo on CPU (training.training_arguments' ddp_backend). Returns (rank, world size)."""
+    """Join the process group under torchrun (WORLD_SIZE > 1) the way the Trainer does for the other stages:
+    accelerate's PartialState, with gloo on CPU (training.training_arguments' ddp_backend). Returns (rank, world
+    size)."""
 
     if sharded_by_fsdp() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         raise LorakitError("ppo runs data-parallel only (each process holds the whole model); launch it with --nproc "
