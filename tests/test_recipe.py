@@ -76,11 +76,12 @@ def test_every_command_has_help(capsys):
         assert f"lorakit {name}" in capsys.readouterr().out
 
 
-# the values issue 18 found training (cutoff_len=-5, max_steps=0), dying in a traceback (batch_size=0) or after the model
-# loaded (learning_rate=-1, lora.r=0), one per stage besides
+# the values issue 18 found training (cutoff_len=-5, max_steps=0), dying in a traceback (batch_size=0) or after the
+# model loaded (learning_rate=-1, lora.r=0), one per stage besides
 BAD_VALUES = [("sft", "cutoff_len=-5", "[2, inf)"), ("sft", "max_steps=0", "[1, inf)"),
               ("sft", "batch_size=0", "[1, inf)"), ("sft", "learning_rate=-1", "(0, inf)"),
-              ("sft", "lora.r=0", "[1, inf)"), ("sft", "eval_fraction=1", "[0, 1)"), ("sft", "learning_rate=nan", "(0, inf)"),
+              ("sft", "lora.r=0", "[1, inf)"), ("sft", "eval_fraction=1", "[0, 1)"),
+              ("sft", "learning_rate=nan", "(0, inf)"),
               ("rm", "center_rewards=-1", "[0, inf)"), ("dpo", "beta=0", "(0, inf)"),
               ("pretrain", "phase2.learning_rate=-1", "(0, inf)"), ("pretrain", "block_size=1", "[2, inf)"),
               ("ppo", "top_p=0", "(0, 1]"), ("ppo", "gamma=1.5", "[0, 1]")]
