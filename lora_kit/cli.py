@@ -63,6 +63,7 @@ def write_failure(e: Optional[BaseException]) -> Optional[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Parse `lorakit COMMAND ...` and run it; a LorakitError or OS error prints one line. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     width = max(len(c.name) for c in COMMANDS)
     listing = "\n".join(f"  {c.name:<{width}}  {c.help}" for c in COMMANDS)

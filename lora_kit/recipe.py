@@ -42,6 +42,7 @@ def in_range(value, valid: str) -> bool:
 
 
 def section(cls, help: str):
+    """A dataclass field holding a nested recipe section (`lora.r=8` on the command line), with its help."""
     return field(default_factory=cls, metadata={"help": help})
 
 
@@ -55,6 +56,7 @@ SEED = "[0, 4294967295]"  # numpy's seeds are 32-bit
 
 @dataclass
 class LoraArgs:
+    """The `lora.*` recipe section: rank, alpha, dropout and target modules of the adapter."""
     r: int = arg(8, "LoRA rank", GE1)
     alpha: int = arg(16, "LoRA alpha (scaling = alpha / r)", GE1)
     dropout: float = arg(0.05, "LoRA dropout", "[0, 1)")
@@ -63,6 +65,7 @@ class LoraArgs:
 
 @dataclass
 class ModelArgs:
+    """Recipe keys shared by every stage for the base model: source, quantization, dtype, template, safety."""
     model: str = arg("smollm2-135m", "alias (smollm2-135m), local directory or hub id")
     quantization: Literal["none", "4bit", "8bit"] = arg("none", "none | 4bit (QLoRA, NF4) | 8bit (LLM.int8)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto",
@@ -75,6 +78,7 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
+    """Recipe keys shared by the record-based stages: data source, format, cutoff, packing, held-out share."""
     data: str = arg("", "dataset: file (json/jsonl/parquet/csv), bundled name, or hub dataset id")
     data_format: str = arg("auto", "auto | alpaca | sharegpt | messages")
     cutoff_len: int = arg(512, "maximum tokens per record", "[2, inf)")
@@ -87,6 +91,7 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
+    """Recipe keys shared by every training stage: output_dir, steps, optimizer, batch, seed, resume."""
     output_dir: str = arg("", "where the adapter, tokenizer, recipe.yaml, metrics.jsonl and loss.png go")
     max_steps: int = arg(100, "optimizer steps", GE1)
     save_steps: int = arg(50, "checkpoint every N steps", GE1)
@@ -107,6 +112,7 @@ class TrainArgs:
 
 # ---------------------------------------------------------------------------------------------------- finding recipes
 def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up: the source tree's recipes/ first, then the installed package's."""
     dirs = [RECIPE_SOURCE_DIR]
     try:
         from importlib.resources import files
@@ -126,6 +132,7 @@ def recipe_header(path: Path) -> tuple[str, str]:
 
 
 def list_recipes() -> list[tuple[str, str, str, Path]]:
+    """(name, stage, description, path) of every recipe, a source-tree recipe hiding an installed one."""
     seen: dict[str, tuple[str, str, str, Path]] = {}
     for d in recipe_dirs():
         for p in sorted(d.glob("*.yaml")):
@@ -135,6 +142,7 @@ def list_recipes() -> list[tuple[str, str, str, Path]]:
 
 
 def find_recipe(name_or_path: str) -> Path:
+    """A recipe YAML by path or by name, with a close-match hint when the name is unknown."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
@@ -293,10 +301,12 @@ def load_config(cls, recipe: Optional[str] = None, overrides: list[str] | None =
 
 
 def to_dict(config) -> dict:
+    """The resolved recipe as nested plain dicts (what recipe.yaml holds)."""
     return dataclasses.asdict(config)
 
 
 def dump_yaml(config) -> str:
+    """The resolved recipe as YAML in field order, Chinese left unescaped (the text of recipe.yaml)."""
     return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
 
 

@@ -23,6 +23,7 @@ RUN_FILE = "run.json"
 
 
 def version() -> str:
+    """The installed lorakit version (recorded in run.json), or 0+unknown when it is not installed."""
     try:
         from importlib.metadata import version as v
 
@@ -32,6 +33,7 @@ def version() -> str:
 
 
 def is_finished(path: Path) -> bool:
+    """True if `path` holds a finished run: run.json, which every command writes last."""
     return (Path(path) / RUN_FILE).is_file()
 
 
@@ -59,6 +61,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temporary file in the same directory, fsynced, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -152,6 +155,7 @@ def run_info(stage: str, base_model: str, *, seed: Optional[int] = None, new_tok
 
 
 def read_run(path: Path) -> dict:
+    """The run.json of a lorakit output directory, or {} when there is none."""
     p = Path(path) / RUN_FILE
     if not p.is_file():
         return {}

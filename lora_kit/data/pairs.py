@@ -22,6 +22,7 @@ RANKED = "responses"  # ranked list field, best first (InstructGPT's K=4..9 rank
 
 @dataclass
 class Pair:
+    """One preference: a prompt (messages ending in a user turn) with its preferred and rejected answer."""
     record: Record
     prompt: list[dict]  # messages ending with a user turn
     chosen: str
@@ -115,6 +116,7 @@ def read_pairs(spec: str, max_samples: int = 0, skip_bad: bool = False) -> list[
 
 
 def read_prompts(spec: str, max_samples: int = 0, skip_bad: bool = False) -> list[list[dict]]:
+    """PPO prompts (messages ending in a user turn) from any record shape; `skip_bad` skips malformed ones."""
     records = read_records(spec)
     if max_samples:
         records = records[:max_samples]

@@ -27,6 +27,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 @dataclass
 class Record:
+    """One raw record and where it came from (file and 1-based index), for error messages."""
     source: str  # file name (or hub id)
     index: int  # 1-based line (jsonl) or record number (json/parquet/csv)
     data: dict
@@ -145,6 +146,7 @@ def _read_hub(spec: str) -> list[Record]:
 # ---------------------------------------------------------------------------------------------------- formats
 @dataclass(frozen=True)
 class Format:
+    """A registered SFT data format: how to recognise a record and turn it into chat messages."""
     name: str
     detect: Callable[[dict], bool]
     to_messages: Callable[[Record], list[dict]]
@@ -154,6 +156,7 @@ FORMATS: dict[str, Format] = {}
 
 
 def register_format(fmt: Format) -> Format:
+    """Add `fmt` to FORMATS (auto-detection tries formats in registration order); a name twice is a bug."""
     if fmt.name in FORMATS:
         raise ValueError(f"format '{fmt.name}' registered twice")
     FORMATS[fmt.name] = fmt
@@ -243,6 +246,7 @@ register_format(Format("messages", lambda d: "messages" in d,
 
 
 def detect_format(rec: Record, wanted: str = "auto") -> Format:
+    """The format `wanted` names, or with `auto` the first registered format that recognises `rec`."""
     if not isinstance(rec.data, dict):
         raise LorakitError(f"{rec.loc()}: a record must be a JSON object, got {type(rec.data).__name__}")
     if wanted != "auto":
@@ -281,6 +285,7 @@ def conversations(records: list[Record], data_format: str = "auto", skip_bad: bo
 # ---------------------------------------------------------------------------------------------------- tokenizing
 @dataclass
 class TokenStats:
+    """Counts of one tokenization pass (records kept, truncated, dropped, tokens, trained tokens) for logs."""
     records: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -317,6 +322,7 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random `fraction` held out (at least one item), order kept in both."""
     if fraction <= 0 or len(items) < 2:
         return items, []
     order = list(range(len(items)))

@@ -13,6 +13,7 @@ import torch
 
 @dataclass
 class DocScore:
+    """Summed negative log-likelihood of scored documents with their token and character counts."""
     nats: float = 0.0  # summed negative log-likelihood of every document token
     tokens: int = 0  # tokens scored
     chars: int = 0  # characters (Unicode code points) of the documents

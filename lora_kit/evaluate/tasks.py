@@ -20,6 +20,7 @@ _TRAILING = re.compile(r"[\s。.!！,，]+$")
 
 
 def normalise(text: str) -> str:
+    """The answer as compared by exact match: whitespace and trailing punctuation (。.!！,，) stripped."""
     return _TRAILING.sub("", text.strip())
 
 
@@ -59,6 +60,7 @@ def task_records(task_or_file: str):
 
 def accuracy(model, tokenizer, template, task: str, limit: int = 0, batch_size: int = 8,
              max_new_tokens: int = 32) -> dict:
+    """Exact-match accuracy of greedy answers on a bundled task or SFT file, with five example answers."""
     prompts, refs = task_records(task)
     if limit:
         prompts, refs = prompts[:limit], refs[:limit]
@@ -70,6 +72,7 @@ def accuracy(model, tokenizer, template, task: str, limit: int = 0, batch_size: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `lorakit eval`: model or adapter, task or text file, batch and generation limits."""
     p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
     p.add_argument("--adapter", help="LoRA adapter directory written by a lorakit stage")
     p.add_argument("--task", default="sentiment", help="bundled task (sentiment, segment) or an alpaca/sharegpt file")
@@ -83,6 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    """`lorakit eval`: print (and optionally write) task accuracy, or bits per character of a text file."""
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     if args.text:
         from lora_kit.data.corpora import iter_lines

@@ -57,6 +57,7 @@ def bound_allocator() -> None:
 
 
 def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim); a no-op without glibc."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -65,6 +66,7 @@ def release_memory() -> None:
 # ---------------------------------------------------------------------------------------------------- adapters
 @dataclass
 class Lora:
+    """One layer's LoRA factors and scale; `delta()` is the dense update in the stored weight's orientation."""
     A: torch.Tensor  # (r, in) -- or (r, num_embeddings) for an embedding LoRA
     B: torch.Tensor  # (out, r)
     scale: float
@@ -221,6 +223,7 @@ def adapter_tokenizer_dir(adapters: list[Path], base: Path) -> Path:
 
 
 def new_token_ids(adapters: list[Path]) -> list[int]:
+    """The union of the `new_token_ids` the adapters' run.json files record, sorted."""
     ids: set[int] = set()
     for a in adapters:
         ids.update(read_run(a).get("new_token_ids") or [])
@@ -303,6 +306,7 @@ class Checkpoint:
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes a tensor of `shape` and `dtype` takes, without allocating it."""
     n = 1
     for s in shape:
         n *= s

@@ -20,6 +20,7 @@ EXACT_SVD_MAX = 4096  # above this smaller dimension a randomised SVD (torch.svd
 
 
 def add_arguments(p) -> None:
+    """Options of `lorakit extract-lora`: base and tuned model, rank K, output."""
     p.add_argument("--base", required=True, help="the model the fine-tune started from")
     p.add_argument("--tuned", required=True, help="the fully fine-tuned model")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank K")
@@ -28,6 +29,7 @@ def add_arguments(p) -> None:
 
 
 def is_embedding(key: str) -> bool:
+    """True for the embedding and LM head weights, whose changes are kept as token rows, not LoRA."""
     return key.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
@@ -50,6 +52,7 @@ def low_rank(d: torch.Tensor, rank: int) -> tuple[Lora, float, float]:
 
 
 def main(args) -> int:
+    """`lorakit extract-lora`: a rank-K LoRA adapter approximating tuned − base, layer by layer by truncated SVD."""
     out = Path(args.output)
     check_output(out, args.force)
     if args.rank < 1:

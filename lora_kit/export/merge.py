@@ -34,6 +34,7 @@ from lora_kit.rundir import atomic_dir, run_info, write_json
 
 
 def add_arguments(p) -> None:
+    """Options of `lorakit merge`: adapters to chain, base, output format, dtype and shard size."""
     p.add_argument("--model", help="base model (default: the first adapter's run.json base_model)")
     p.add_argument("--adapter", action="append", required=True, help="adapter directory; repeat to chain, in order")
     p.add_argument("--output", required=True, help="output directory")
@@ -45,11 +46,13 @@ def add_arguments(p) -> None:
 
 
 def check_output(path: Path, force: bool) -> None:
+    """Refuse an existing non-empty output path unless --force."""
     if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
         raise LorakitError(f"{path}: already exists; pass --force to replace it")
 
 
 def main(args) -> int:
+    """`lorakit merge`: fold the adapters into the base weights, verify the logits, then move the output in place."""
     out = Path(args.output)
     check_output(out, args.force)
     bound_allocator()

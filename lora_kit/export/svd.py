@@ -25,6 +25,7 @@ from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
 
 
 def add_arguments(p) -> None:
+    """Options of `lorakit svd`: adapters with weights, target rank, output."""
     p.add_argument("--adapter", action="append", required=True, help="adapter directory; repeat to combine")
     p.add_argument("--weights", help="comma-separated weight per adapter (default 1 each)")
     p.add_argument("--rank", type=int, required=True, help="rank K of the output adapter")
@@ -92,6 +93,7 @@ def combine_tensors(adapters: list[Adapter], weights: list[float], kind: str, ba
 
 
 def main(args) -> int:
+    """`lorakit svd`: a rank-K adapter of the weighted sum of the adapters' updates, with the energy kept per layer."""
     out = Path(args.output)
     check_output(out, args.force)
     if args.rank < 1:

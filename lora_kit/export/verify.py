@@ -109,6 +109,7 @@ def _config(path: Path, task_type: str, pad_token_id: Optional[int]):
 
 
 def model_class_for(task_type: str):
+    """The transformers Auto class that loads a model of this PEFT task type (SEQ_CLS or causal LM)."""
     return AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
 
 
@@ -137,6 +138,7 @@ def reference_logits(base: Path, adapters: list[Path], task_type: str, ids: torc
 
 @torch.no_grad()
 def model_logits(path: Path, task_type: str, ids: torch.Tensor, pad_id=None, dtype=torch.float32) -> torch.Tensor:
+    """Logits of the model directory `path` on `ids`, its weights read lazily from its safetensors files."""
     ckpt = Checkpoint(path)
     model = _empty_model(_config(path, task_type, pad_id), model_class_for(task_type), dtype)
     LazyWeights(model, ckpt, dtype=dtype).attach(model)

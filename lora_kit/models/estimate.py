@@ -118,6 +118,7 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------- the setup
 @dataclass(frozen=True)
 class Setup:
+    """The training setup an estimate is for: method, dtype, batch shape, processes, ZeRO stage and offload."""
     method: str = "lora"  # lora | qlora | full
     dtype: str = "bf16"  # compute dtype: bf16 | fp16 | fp32
     seq_len: int = 512
@@ -133,6 +134,7 @@ class Setup:
 
 @dataclass
 class Estimate:
+    """Estimated bytes per device by kind (weights, gradients, optimizer, activations, ...) with notes."""
     params: int
     trainable: int
     weights: float
@@ -231,6 +233,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
 
 # ---------------------------------------------------------------------------------------------------- command
 def add_arguments(p) -> None:
+    """Options of `lorakit estimate`: model shape, method, dtype, batch shape, processes, ZeRO."""
     p.add_argument("--model", required=True, help="model directory, alias, hub id in the HF cache, or a built-in "
                                                   f"shape ({', '.join(sorted(KNOWN))})")
     p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
@@ -251,6 +254,7 @@ def _gib(x: float) -> str:
 
 
 def render(model: str, source: str, setup: Setup, e: Estimate) -> str:
+    """The printed `lorakit estimate` report: one GiB figure per memory kind, the total and the notes."""
     par = "full" if setup.method == "full" else f"LoRA r{setup.lora_r} on all linear layers"
     engine = f"ZeRO-{setup.zero}{' + offload' if setup.offload else ''}" if setup.zero else (
         "DDP" if setup.nproc > 1 else "one device")
@@ -274,6 +278,7 @@ def render(model: str, source: str, setup: Setup, e: Estimate) -> str:
 
 
 def main(args) -> int:
+    """`lorakit estimate`: print the memory estimate for the model shape and the setup the options describe."""
     shape, source = load_shape(args.model)
     setup = Setup(method=args.method, dtype=args.dtype, seq_len=args.seq_len, batch=args.batch, nproc=args.nproc,
                   zero=args.zero, offload=args.offload, lora_r=args.lora_r, lora_dropout=args.lora_dropout,

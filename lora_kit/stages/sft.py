@@ -29,6 +29,7 @@ from lora_kit.training.run import install_callbacks, open_run, save_run, trainin
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
+    """The `lorakit sft` recipe: model, data, training and LoRA sections, and whether new token rows train."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
     train_new_tokens: bool = arg(True, "also train the embedding rows a vocab-extended base marks as new")
 
@@ -69,7 +70,7 @@ class Job:
 
 
 def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
-
+    """Load data, model and trainer for `run` (None after a dry run, which prints the plan and stops)."""
     out, ckpt, base, tokenizer, template = open_run(cfg)
     set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
     train, held, stats = prepare_data(cfg, tokenizer, template)
@@ -103,6 +104,7 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
+    """Train a LoRA/QLoRA adapter on the recipe's SFT data and save the run; returns the output directory."""
     job = setup(cfg, dry_run)
     if job is None:
         return Path(cfg.output_dir)

@@ -32,6 +32,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): the process that writes outputs."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -129,6 +130,7 @@ def trim_metrics(out: Path, checkpoint: Optional[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- arguments
 def precision_flags(dtype: torch.dtype) -> dict:
+    """TrainingArguments' bf16/fp16 switches for the compute dtype."""
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
@@ -238,6 +240,7 @@ def final_eval(trainer, key: str) -> dict:
 
 
 def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str = "train") -> MetricsCallback:
+    """Replace the trainer's default printer and progress bar with lorakit's metrics.jsonl writer and bar."""
     trainer.remove_callback(HFProgress)
     trainer.remove_callback(PrinterCallback)
     metrics = MetricsCallback(out, phase)

@@ -26,11 +26,13 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def to_bytelevel(text: str) -> str:
+    """`text` spelled in the byte-level alphabet, as tokens appear in a byte-level BPE vocabulary."""
     t = byte_to_unicode()
     return "".join(t[b] for b in text.encode("utf-8"))
 
 
 def from_bytelevel(token: str) -> bytes:
+    """The raw UTF-8 bytes a byte-level token stands for."""
     inv = {c: b for b, c in byte_to_unicode().items()}
     return bytes(inv[c] for c in token)
 
@@ -49,6 +51,7 @@ def proves_han(raw: bytes) -> bool:
 
 
 def is_bytelevel(doc: dict) -> bool:
+    """True if a tokenizer.json describes a byte-level BPE (the SmolLM2/LLaMA-3/Qwen kind)."""
     pre = doc.get("pre_tokenizer") or {}
     kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", [])]
     return (doc.get("model") or {}).get("type") == "BPE" and "ByteLevel" in kinds

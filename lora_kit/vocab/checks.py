@@ -31,6 +31,7 @@ CHECK_LINES = [
 
 
 def has_han(text: str) -> bool:
+    """True if `text` contains a Han character."""
     return HAN.search(text) is not None
 
 
@@ -40,6 +41,7 @@ def split_lines(texts: Iterable[str]) -> list[str]:
 
 
 def count(encode: Encode, lines: list[str]) -> int:
+    """Total tokens `encode` gives for `lines`."""
     return sum(len(ids) for ids in encode(lines))
 
 
@@ -58,12 +60,14 @@ def differing(a: Encode, b: Encode, lines: list[str]) -> list[int]:
 
 
 def drift(base: Encode, new: Encode, lines: list[str]) -> dict:
+    """How many of the lines without Han characters tokenize differently after the extension (should be 0)."""
     probes = [l for l in lines if not has_han(l)]
     bad = differing(base, new, probes)
     return {"lines": len(probes), "changed": len(bad), "examples": [probes[i][:120] for i in bad[:3]]}
 
 
 def agreement(hf: Encode, sp: Encode, lines: list[str]) -> dict:
+    """How many lines the transformers tokenizer and sentencepiece encode to the same ids."""
     bad = differing(hf, sp, lines)
     return {"lines": len(lines), "identical": len(lines) - len(bad),
             "rate": round(1 - len(bad) / max(len(lines), 1), 6), "examples": [lines[i][:120] for i in bad[:3]]}

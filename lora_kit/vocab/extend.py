@@ -39,6 +39,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_tem
 
 
 def add_arguments(p) -> None:
+    """Options of `lorakit extend-vocab`: base, corpora, piece budget, held-out and check texts."""
     p.add_argument("--model", required=True,
                    help="model or tokenizer dir, hub id, alias, or a SentencePiece .model file")
     p.add_argument("--corpus", action="append", required=True,
@@ -57,6 +58,7 @@ def add_arguments(p) -> None:
 
 @dataclass
 class Base:
+    """The tokenizer being extended: its kind (sentencepiece or byte-level), files, and whether weights exist."""
     name: str  # what the user passed, resolved (recorded as base_model)
     kind: str  # "sentencepiece" or "bytelevel"
     tok_dir: Optional[Path]  # directory holding the tokenizer files (None for a bare .model file)
@@ -66,6 +68,7 @@ class Base:
 
 
 def resolve_base(spec: str) -> Base:
+    """Find the base tokenizer for --model (a .model file, a model directory, alias or hub id)."""
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix != ".model":
@@ -280,7 +283,7 @@ def _read_json(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- model and report
 def resize_and_save(base: Base, result: dict, out: Path) -> int:
-
+    """Load the base weights, resize embeddings (new rows from sub-token means), save; returns rows."""
     model = load_model(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
     stored = getattr(model.config, "dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -295,6 +298,7 @@ def resize_and_save(base: Base, result: dict, out: Path) -> int:
 
 
 def report(base: Base, args, result: dict, held: list[str], train_lines: int, seconds: float) -> dict:
+    """The extension report (vocab_report.json): pieces added, chars/token before and after, drift, agreement."""
     enc = result["encoders"]
     heldout = {"corpus_slice": vocab_check.efficiency(enc["base"], enc["new"], held)}
     probes = list(held)
@@ -321,6 +325,7 @@ def report(base: Base, args, result: dict, held: list[str], train_lines: int, se
 
 
 def main(args) -> int:
+    """`lorakit extend-vocab`: train Chinese pieces, merge them into the base tokenizer, resize and check."""
     t0 = time.time()
     if args.vocab_size < 1:
         raise LorakitError(f"--vocab-size must be positive, got {args.vocab_size}")

@@ -9,6 +9,7 @@ PAD_MULTIPLE = 64  # tensor-core friendly row count, as Chinese-LLaMA and most m
 
 
 def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """`n` rounded up to a multiple of `multiple` (embedding rows are padded to 64)."""
     return -(-n // multiple) * multiple
 
 

@@ -30,6 +30,7 @@ def load_proto(path):
 
 
 def check_bpe(proto, path) -> None:
+    """Refuse a SentencePiece model that is not BPE (only BPE models can be extended)."""
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         raise LorakitError(f"{path}: only SentencePiece BPE models can be extended (this one is "
                            f"{proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)})")
@@ -44,6 +45,7 @@ def processor(proto, dummy_prefix: bool = True):
 
 
 def copy_proto(proto):
+    """A deep copy of a SentencePiece ModelProto."""
     out = type(proto)()
     out.CopyFrom(proto)
     return out

@@ -14,6 +14,7 @@ from lora_kit.vocab.sentencepiece import load_proto, processor
 
 
 def add_arguments(p) -> None:
+    """Options of `lorakit tokstats`: the tokenizers to compare and the text."""
     p.add_argument("--tokenizer", action="append", required=True,
                    help="tokenizer dir, model alias/hub id, or SentencePiece .model file; "
                         "repeatable (first = reference)")
@@ -52,6 +53,7 @@ def _hf(spec: str):
 
 
 def load(spec: str):
+    """(encode, ids that are byte fallback or unknown) for a .model file or any tokenizer --model accepts."""
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix != ".model":
@@ -61,6 +63,7 @@ def load(spec: str):
 
 
 def stats(spec: str, lines: list[str]) -> dict:
+    """Tokens, chars/token and byte-fallback/unknown rate of one tokenizer on `lines`."""
     encode, fallback = load(spec)
     ids = encode(lines)
     tokens = sum(len(x) for x in ids)
@@ -71,6 +74,7 @@ def stats(spec: str, lines: list[str]) -> dict:
 
 
 def main(args) -> int:
+    """`lorakit tokstats`: print one row per tokenizer, with the token ratio to the first."""
     lines = [l for l in iter_lines(args.text) if l.strip()]
     if not lines:
         raise LorakitError(f"{args.text}: no text")

@@ -42,6 +42,7 @@ PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
+    """The `lorakit ppo` recipe: actor/critic LoRA, reward source, sampling and PPO hyperparameters."""
     lora: LoraArgs = section(LoraArgs, "LoRA for the actor (when no sft_adapter) and the critic")
     sft_adapter: str = arg("", "SFT adapter the actor starts from (also the frozen reference); empty = base")
     reward_adapter: str = arg("", "reward model from `lorakit rm` (adapter + score head)")
@@ -70,6 +71,7 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 # ---------------------------------------------------------------------------------------------------- rollouts
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded on the left, so generation continues every row's end."""
     width = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
@@ -97,10 +99,12 @@ def sample(roles, cfg, tokenizer, queries: list[list[int]]) -> dict:
 
 
 def response_texts(batch, tokenizer) -> list[str]:
+    """The sampled responses decoded without padding or special tokens."""
     return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch["resp"], batch["rmask"])]
 
 
 def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]], texts: list[str]) -> torch.Tensor:
+    """One reward per response: `reward_fn` on the texts, else the reward model on prompt + response."""
     if reward_fn is not None:
         vals = reward_fn([p[-1]["content"] for p in prompts], texts)
         if len(vals) != len(texts):
@@ -272,8 +276,7 @@ def _ptx_batches(cfg, tokenizer, template):
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-
-
+    """Train the actor (and critic) adapters with PPO against the reward; returns the output directory."""
     if bool(cfg.reward_adapter) == bool(cfg.reward_fn):
         raise LorakitError("give exactly one of reward_adapter=DIR (from `lorakit rm`) or "
                            "reward_fn=package.module:function")
