@@ -60,7 +60,7 @@ def llamafactory_cmd(w, mode: str, quant: str, out: Path) -> list[str]:
     if w.cuda:
         cfg["bf16"] = True  # the setting LLaMA-Factory's example configs use on GPUs
     else:
-        cfg.update(use_cpu=True, bf16=False, fp16=False)  # LLaMA-Factory's CPU path (FACTS)
+        cfg.update(use_cpu=True, bf16=False, fp16=False)  # LLaMA-Factory's CPU path: use_cpu, no bf16/fp16
     if quant == "4bit":
         cfg.update(quantization_bit=4, quantization_method="bnb")  # NF4 + double quantization by default
     if mode == "best":

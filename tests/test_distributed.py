@@ -165,7 +165,7 @@ def free_port() -> int:
 
 
 def test_accelerate_launch_with_the_bundled_ddp_config(two_proc, tiny_model_dir, tmp_path, env):
-    """What FACTS found failing (`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate's CPU path
+    """What fails on CPU (`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate's CPU path
     expects mpirun) works with the DDP config: MULTI_GPU goes through torchrun, and the Trainer picks gloo on CPU."""
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch",

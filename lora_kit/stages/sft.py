@@ -1,5 +1,5 @@
-"""`lorakit sft`: LoRA/QLoRA instruction tuning with the plain transformers Trainer (measured faster than TRL's
-SFTTrainer on CPU, see FACTS), assistant-only labels and padding-free packing.
+"""`lorakit sft`: LoRA/QLoRA instruction tuning with the plain transformers Trainer (TRL 1.16's SFTTrainer always
+installs a fused LM head, measured ~2.3x slower per step on CPU), assistant-only labels and padding-free packing.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""`lorakit ppo`: RLHF with PPO (InstructGPT step 3) on LoRA adapters over one shared base (roles in ppo_roles.py).
+"""`lorakit ppo`: RLHF with PPO (InstructGPT step 3) on LoRA adapters over one shared base (roles in roles.py).
 
-Written by hand on transformers/peft/torch because TRL 1.16 has no PPO trainer (see FACTS); the maths is ppo_core.py.
+Written by hand on transformers/peft/torch because TRL 1.16 has no PPO trainer (not even in trl.experimental); the
+maths is core.py.
 Rollouts sample with the KV cache; checkpoints hold actor, critic, optimizer, KL controller, reward statistics, RNG and
 data position, written atomically, so `resume=true` continues bit-for-bit (fp32).
 

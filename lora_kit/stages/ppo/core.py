@@ -1,7 +1,8 @@
 """PPO arithmetic as pure tensor functions: log-probs and entropy from logits, KL-penalised per-token rewards, GAE,
 clipped policy/value losses, masked whitening, running reward statistics and the KL controllers (Ziegler et al. 2019).
 
-Written by hand because TRL 1.16 has no PPO trainer (see FACTS); `stages/ppo.py` drives these on LoRA adapters.
+Written by hand because TRL 1.16 has no PPO trainer (not even in trl.experimental); `stages/ppo/__init__.py` drives
+these on LoRA adapters.
 All tensors are [batch, response_len] with a 0/1 `mask` over real response tokens.
 
 Across processes (torchrun): each rank holds its own rows; every statistic that decides something (whitening, reward
