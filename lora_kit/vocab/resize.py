@@ -26,13 +26,14 @@ def _init_rows(weight: torch.Tensor, base_rows: int, new_ids: list[int], parts: 
         weight[torch.tensor(others)] = base.mean(0).to(weight.dtype)
 
 
-def resize_model(model, n_tokens: int, base_tokens: int, new_ids: list[int], parts: list[list[int]]) -> int:
-    """Resize `model` to hold `n_tokens` (padded to a multiple of 64); returns the new row count.
+def resize_model(model, n_tokens: int, base_tokens: int, new_ids: list[int], parts: list[list[int]],
+                 multiple: int = PAD_MULTIPLE) -> int:
+    """Resize `model` to hold `n_tokens` (padded to a multiple of `multiple`); returns the new row count.
 
     `base_tokens` rows (the base tokenizer's ids) stay identical; `parts[i]` are base ids spelling `new_ids[i]`.
     """
     old_rows = model.get_input_embeddings().weight.shape[0]
-    rows = max(padded(n_tokens), old_rows)
+    rows = max(padded(n_tokens, multiple), old_rows)
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is model.get_input_embeddings().weight
     keep = min(base_tokens, old_rows)
@@ -46,3 +47,16 @@ def resize_model(model, n_tokens: int, base_tokens: int, new_ids: list[int], par
         model.tie_weights()
     model.config.vocab_size = rows
     return rows
+
+
+def grow_to_tokenizer(model, base_tokenizer, tokenizer, rows: int = 0) -> int:
+    """Resize a base model for a tokenizer that extends the base's (an adapter trained on an extended vocabulary):
+    each new token's rows are the mean of the base rows that spell its text, as `lorakit extend-vocab` initialises
+    them, so rows the adapter does not carry match the extended model. The row count is the adapter's recorded
+    embedding size `rows` when known, else the tokenizer's padded as extend-vocab pads. Returns the new row count."""
+    start = len(base_tokenizer)
+    new_ids = list(range(start, len(tokenizer)))
+    parts = [base_tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] for i in new_ids]
+    if rows:
+        return resize_model(model, max(len(tokenizer), rows), start, new_ids, parts, multiple=1)
+    return resize_model(model, len(tokenizer), start, new_ids, parts)
