@@ -35,7 +35,7 @@ COMMANDS = [
     Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
     Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),
     Command("chat", "lora_kit.serve.chat", "talk to a model (+adapter) with its training template, streaming"),
-    Command("eval", "lora_kit.evaluate.tasks", "exact-match accuracy on a held-out task, bits per character"),
+    Command("eval", "lora_kit.evaluate.command", "CMMLU/C-Eval/MMLU, held-out tasks, bits/char; --suite zh side by side"),
     Command("data", "lora_kit.data.check", "build the bundled Chinese tasks; check a dataset file"),
     Command("recipes", "lora_kit.recipe_cmd", "list recipes, or show one's keys and defaults"),
     Command("estimate", "lora_kit.models.estimate", "estimate memory per device for a model, method and setup"),

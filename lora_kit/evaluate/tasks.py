@@ -1,34 +1,23 @@
-"""`lorakit eval`: exact-match accuracy of greedy answers on a held-out task split (bundled zh tasks or any alpaca/
-sharegpt file), and bits per character on a text file. Prompts are rendered with the training template.
+"""Generation tasks: greedy answers to a held-out split (the bundled zh tasks or any alpaca/sharegpt file), scored
+the way each task is measured: segmentation by word P/R/F1, sentiment by accuracy, any file by exact match + char F1.
 """
 from __future__ import annotations
-
-import argparse
-import re
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from lora_kit.data.records import conversations, read_records
 from lora_kit.data.zh_tasks import TASKS, held_out
-from lora_kit.models.load import load_for_inference
-from lora_kit.rundir import write_json
-from lora_kit.templates import prompt_ids, resolve
+from lora_kit.evaluate.scores import exact_match, mean_char_f1, segmentation_prf
+from lora_kit.templates import prompt_ids
 
-_TRAILING = re.compile(r"[\s。.!！,，]+$")
-
-
-def normalise(text: str) -> str:
-    """The answer as compared by exact match: whitespace and trailing punctuation (。.!！,，) stripped."""
-    return _TRAILING.sub("", text.strip())
+MAX_NEW_TOKENS = {"sentiment": 8, "segment": 96}  # 正面/负面 is 2-4 tokens; a 30-character sentence with spaces ~80
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, max_new_tokens: int = 32,
                      batch_size: int = 8, progress: bool = True) -> list[str]:
     """Greedy answers for conversations ending in a user turn; batched with left padding."""
-
     encoded = [prompt_ids(tokenizer, template, msgs) for msgs in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     answers: list[str] = [""] * len(encoded)
@@ -58,50 +47,22 @@ def task_records(task_or_file: str):
     return prompts, refs
 
 
-def accuracy(model, tokenizer, template, task: str, limit: int = 0, batch_size: int = 8,
-             max_new_tokens: int = 32) -> dict:
-    """Exact-match accuracy of greedy answers on a bundled task or SFT file, with five example answers."""
+def task_scores(task: str, answers: list[str], refs: list[str]) -> dict:
+    """The task's own measures: segment -> word P/R/F1, sentiment -> accuracy, a file -> exact match + char F1."""
+    if task == "segment":
+        return {**segmentation_prf(answers, refs), "exact_match": exact_match(answers, refs)}
+    if task == "sentiment":
+        return {"accuracy": exact_match(answers, refs)}
+    return {"exact_match": exact_match(answers, refs), "char_f1": mean_char_f1(answers, refs)}
+
+
+def score_task(model, tokenizer, template, task: str, *, limit: int = 0, batch_size: int = 8,
+               max_new_tokens: int = 0, progress: bool = True) -> dict:
+    """Generate answers to the first `limit` (0 = all) held-out records of `task` and score them."""
     prompts, refs = task_records(task)
     if limit:
         prompts, refs = prompts[:limit], refs[:limit]
-    answers = generate_answers(model, tokenizer, template, prompts, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    hits = [normalise(a) == normalise(r) for a, r in zip(answers, refs)]
-    return {"task": task, "n": len(hits), "accuracy": sum(hits) / len(hits),
+    answers = generate_answers(model, tokenizer, template, prompts, batch_size=batch_size, progress=progress,
+                               max_new_tokens=max_new_tokens or MAX_NEW_TOKENS.get(task, 32))
+    return {"task": task, "n": len(refs), **task_scores(task, answers, refs),
             "examples": [{"answer": a, "reference": r} for a, r in list(zip(answers, refs))[:5]]}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `lorakit eval`: model or adapter, task or text file, batch and generation limits."""
-    p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
-    p.add_argument("--adapter", help="LoRA adapter directory written by a lorakit stage")
-    p.add_argument("--task", default="sentiment", help="bundled task (sentiment, segment) or an alpaca/sharegpt file")
-    p.add_argument("--text", help="instead of a task: report bits per character on this text file")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--template", help="override the prompt template (default: the adapter's training template)")
-    p.add_argument("--output", help="also write the result as JSON here")
-
-
-def main(args) -> int:
-    """`lorakit eval`: print (and optionally write) task accuracy, or bits per character of a text file."""
-    model, tokenizer, template_name = load_for_inference(args.model, args.adapter, dtype=args.dtype)
-    if args.text:
-        from lora_kit.data.corpora import iter_lines
-        from lora_kit.evaluate.bpc import bits_per_char
-
-        result = {"text": args.text, "bits_per_char": bits_per_char(model, tokenizer, list(iter_lines(args.text)))}
-        print(f"bits per character on {args.text}: {result['bits_per_char']:.4f}")
-    else:
-        template = resolve(args.template or template_name, tokenizer)
-        result = accuracy(model, tokenizer, template, args.task, args.limit, args.batch_size, args.max_new_tokens)
-        for ex in result["examples"][:3]:
-            print(f"  answer {ex['answer']!r}  reference {ex['reference']!r}")
-        print(f"{args.task}: exact-match accuracy {result['accuracy']:.3f} on {result['n']} held-out records"
-              f" ({'adapter ' + args.adapter if args.adapter else 'base model'})")
-    result.update(model=args.model, adapter=args.adapter)
-    if args.output:
-        write_json(Path(args.output), result)
-    return 0
