@@ -11,8 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_kit.cli import main
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.bpc import score_documents
-from lora_kit.evaluate.choice import (MIN_SHARED, BENCHMARKS, build_prompt, evaluate_benchmark, load_benchmark,
-                                      score_questions)
+from lora_kit.evaluate.choice import (
+    BENCHMARKS,
+    MIN_SHARED,
+    build_prompt,
+    evaluate_benchmark,
+    load_benchmark,
+    score_questions,
+)
 from lora_kit.evaluate.scores import char_f1, segmentation_prf
 from lora_kit.evaluate.suite import CMMLU_SUBSET
 from lora_kit.models.load import load_for_inference, signature
