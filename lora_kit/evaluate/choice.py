@@ -54,6 +54,7 @@ BENCHMARKS = {
 
 @dataclass
 class Question:
+    """One multiple-choice question as read from a CSV."""
     subject: str
     row: int  # line of the CSV where the record ends (header = 1)
     question: str
@@ -63,6 +64,7 @@ class Question:
 
 @dataclass
 class Subject:
+    """A benchmark subject: its scored questions and the dev questions its shots come from."""
     name: str
     display: str
     categories: list[str]
@@ -163,6 +165,7 @@ def load_benchmark(task: str, root, subjects: Optional[list[str]] = None, limit:
 
 # ---------------------------------------------------------------------------------------------------- prompts
 def format_question(q: Question, bench: Benchmark) -> str:
+    """The question, its four options and the answer cue, in the benchmark's layout."""
     options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.options))
     return f"{q.question.strip()}{options}\n{bench.answer_cue}"
 

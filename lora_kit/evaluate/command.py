@@ -18,6 +18,7 @@ from lora_kit.templates import resolve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `lorakit eval`: what to load, which benchmark, task, text or suite, and limits."""
     p.add_argument("--model", help="base model (alias, dir, hub id); default: the adapter's base")
     p.add_argument("--adapter", action="append", default=[],
                    help="LoRA adapter directory written by a lorakit stage (repeat with --suite for more columns)")
@@ -62,6 +63,7 @@ def _print_benchmark(result: dict) -> None:
 
 
 def main(args) -> int:
+    """`lorakit eval`: run the chosen evaluation, print it, and write it to --output when given."""
     if args.output and not args.force and Path(args.output).is_file():
         raise LorakitError(f"{args.output}: already exists; pass --force to replace it")
     if args.suite:
