@@ -107,6 +107,22 @@ def test_rerun_skips_every_stage(finished, capsys):
     assert [l.split()[1] for l in status.splitlines()[1:]] == ["done", "done", "done"]
 
 
+def test_only_and_from_rerun_the_named_stages(finished, capsys):
+    path, out = finished
+    before = tensors(out / SFT_ADAPTER)
+    capsys.readouterr()
+    assert main(["pipeline", "--recipe", str(path), f"output_dir={out}", "--only", "sft"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 2 and "3-sft: running" in printed and "2-pretrain: running" not in printed
+    after = tensors(out / SFT_ADAPTER)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # same inputs, same seed: the same adapter
+    assert main(["pipeline", "--recipe", str(path), f"output_dir={out}", "--from", "sft"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 2 and "3-sft: running" in printed
+    with pytest.raises(LorakitError, match="no stage 'rm' in this pipeline"):
+        build_plan(str(path), [], output_dir=str(out)).find("rm")
+
+
 def test_changing_the_second_stage_reruns_it_and_the_third_only(finished, tmp_path, capsys):
     path, done = finished
     out = tmp_path / "out"

