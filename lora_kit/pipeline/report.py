@@ -46,11 +46,8 @@ def combined_result(plan, branches=()) -> dict:
             for metric, values in result.get("metrics", {}).items():
                 if col in values:
                     metrics.setdefault(metric, {})[name] = values[col]
-            if col in result.get("counts", {}):
-                counts[name] = result["counts"][col]
-        for key, value in result.get("counts", {}).items():
-            if key not in result.get("columns", []):
-                counts.setdefault(key, value)
+        for metric, n in result.get("counts", {}).items():  # items measured per metric (the same limit everywhere)
+            counts.setdefault(metric, n)
     return {"columns": columns, "metrics": metrics, "counts": counts}
 
 

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Optional
 
 from lora_kit.errors import LorakitError
-from lora_kit.pipeline.plan import ORDER_TEXT, Config, Plan, Stage, build_plan, eval_fingerprint
+from lora_kit.pipeline.plan import (
+    ADAPTER_STAGES,
+    ORDER_TEXT,
+    TRAINING,
+    Config,
+    Plan,
+    Stage,
+    build_plan,
+    eval_fingerprint,
+)
 from lora_kit.pipeline.report import write_report
 from lora_kit.rundir import is_finished, write_json
 
@@ -130,8 +139,8 @@ def run_plan(plan: Plan, recipe: str, overrides: list[str], *, from_stage: Optio
             if status == "stale":
                 print(f"lorakit pipeline: {stage.label}: config or inputs changed; rerunning it", flush=True)
             run_stage(plan, stage, resume=status == "partial" and not forced)
-        if plan.eval is not None and (plan.eval.after_each or stage.name == "eval"):
-            evaluate_stage(plan, stage)
+        if plan.eval is not None and (plan.eval.after_each != (stage.name == "eval")):
+            evaluate_stage(plan, stage)  # after each stage, or only at the eval stage (then on the final model)
 
 
 def run_stage(plan: Plan, stage: Stage, resume: bool) -> None:
@@ -149,7 +158,7 @@ def run_stage(plan: Plan, stage: Stage, resume: bool) -> None:
           flush=True)
     t0 = time.time()
     if stage.argv:
-        if not (stage.name in ("pretrain", "sft", "rm", "ppo", "dpo") and is_finished(d)):
+        if not (stage.name in TRAINING and is_finished(d)):
             argv = list(stage.argv)
             if stage.name in ("extend-vocab", "merge"):
                 argv.append("--force")  # these write atomically: an earlier attempt left nothing half-done to keep
@@ -192,8 +201,10 @@ def run_command(argv: list[str], label: str) -> float:
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_stage(plan: Plan, stage: Stage) -> None:
-    """The suite's column for the model a stage produced (rm trains no policy and gets none)."""
-    if stage.name == "rm":
+    """The suite's column for the model a stage produced. rm trains no policy and gets none; an adapter stage right
+    before `merge` gets none either: the merge's column measures the same weights (folded in and verified)."""
+    after = plan.stages[stage.index] if stage.index < len(plan.stages) else None
+    if stage.name == "rm" or (stage.name in ADAPTER_STAGES and after is not None and after.name == "merge"):
         return
     if stage.name == "eval":
         model, adapter = stage.model, stage.adapter
