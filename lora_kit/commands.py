@@ -31,8 +31,8 @@ COMMANDS = [
     Command("rm", "lora_kit.stages.rm", "reward model: LoRA + scalar head, pairwise ranking loss", "rm_zh"),
     Command("ppo", "lora_kit.stages.ppo", "RLHF with PPO on LoRA adapters over one shared base", "ppo_zh"),
     Command("dpo", "lora_kit.stages.dpo", "direct preference optimisation with LoRA", "dpo_zh"),
-    Command("pipeline", "lora_kit.pipeline.run", "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo) -> merge -> eval, "
-            "cached and resumable, with a report"),
+    Command("pipeline", "lora_kit.pipeline.run",
+            "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo) -> merge -> eval: cached, resumable, reported"),
     Command("merge", "lora_kit.export.merge", "merge adapters into full weights (hf or gguf), verified"),
     Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
     Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),

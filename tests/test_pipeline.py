@@ -176,11 +176,13 @@ def test_kill_in_the_middle_of_a_stage_then_rerun_equals_uninterrupted(finished,
     printed = capsys.readouterr().out
     assert "3-sft: resuming" in printed and printed.count("skipped") == 2
     assert_same_tensors(done / SFT_ADAPTER, out / SFT_ADAPTER)
-    assert_same_tensors(done / "2-pretrain" / "adapter_model.safetensors", out / "2-pretrain" / "adapter_model.safetensors")
+    pretrain = "2-pretrain/adapter_model.safetensors"
+    assert_same_tensors(done / pretrain, out / pretrain)
 
 
 @pytest.mark.parametrize("stages,needle", [
-    ([{"extend-vocab": {}}, {"pretrian": {}}], ("stage 2 'pretrian' is not a pipeline stage", "did you mean 'pretrain'")),
+    ([{"extend-vocab": {}}, {"pretrian": {}}],
+     ("stage 2 'pretrian' is not a pipeline stage", "did you mean 'pretrain'")),
     ([{"sft": {}}, {"pretrain": {}}], "stage 2 'pretrain' comes after 'sft'"),
     ([{"pretrain": {}}, {"sft": {"max_step": 3}}], "stage 2 'sft': key 'max_step' belongs to no stage here"),
     ([{"extend-vocab": {"vocab": 3}}], "stage 1 'extend-vocab': key 'vocab' belongs to no stage here"),

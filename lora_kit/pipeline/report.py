@@ -176,7 +176,8 @@ def write_report(plan, branches=()) -> str:
     md = [f"# lorakit pipeline report: {plan.out.name}", "", f"Recipe: `{plan.source}`; base model: `{plan.base}`.", "",
           "## Evaluation (held-out data; base model first)", "", table, "", "## Stages", "", stage_table(rows), ""]
     body = [f"<h1>lorakit pipeline report: {html.escape(plan.out.name)}</h1>",
-            f"<p>Recipe: <code>{html.escape(plan.source)}</code>; base model: <code>{html.escape(plan.base)}</code>.</p>",
+            f"<p>Recipe: <code>{html.escape(plan.source)}</code>; "
+            f"base model: <code>{html.escape(plan.base)}</code>.</p>",
             "<h2>Evaluation (held-out data; base model first)</h2>", _md_to_html_table(table),
             "<h2>Stages</h2>", _md_to_html_table(stage_table(rows))]
     for key, png in plots.items():

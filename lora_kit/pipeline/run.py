@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every stage after it")
     p.add_argument("--only", metavar="STAGE", help="rerun only this stage (the stages before it must be done)")
     p.add_argument("--status", metavar="OUT", help="print which stages of OUT are done, stale or pending, then exit")
-    p.add_argument("--print-plan", action="store_true", help="print each stage's command line and fingerprint, then exit")
+    p.add_argument("--print-plan", action="store_true", help="print each stage's command and fingerprint, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help=f"model=, output_dir=, ablate=STAGE, or STAGE.key=value for a stage's own keys ({ORDER_TEXT})")
 
@@ -134,7 +134,8 @@ def run_plan(plan: Plan, recipe: str, overrides: list[str], *, from_stage: Optio
         if target is not None and stage.index > target:
             break
         if status == "done" and not forced:
-            print(f"lorakit pipeline: {stage.label}: done, fingerprint {stage.fingerprint} matches; skipped", flush=True)
+            print(f"lorakit pipeline: {stage.label}: done, fingerprint {stage.fingerprint} matches; skipped",
+                  flush=True)
         else:
             if status == "stale":
                 print(f"lorakit pipeline: {stage.label}: config or inputs changed; rerunning it", flush=True)
