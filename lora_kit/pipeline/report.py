@@ -90,6 +90,7 @@ def _png(fig) -> bytes:
 
 
 def plot_losses(curves: dict) -> bytes | None:
+    """One panel per stage: its training (and held-out) loss against steps, as PNG bytes."""
     if not curves:
         return None
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
@@ -104,6 +105,7 @@ def plot_losses(curves: dict) -> bytes | None:
 
 
 def plot_metrics(result: dict) -> bytes | None:
+    """One panel per metric: its value for each column in order (base first), as PNG bytes."""
     metrics = {m: v for m, v in result["metrics"].items() if any(isinstance(x, (int, float)) for x in v.values())}
     if not metrics:
         return None
@@ -123,6 +125,7 @@ def plot_metrics(result: dict) -> bytes | None:
 
 
 def plot_costs(rows: list[dict]) -> bytes | None:
+    """Time and peak resident memory per stage as two bar charts, PNG bytes."""
     rows = [r for r in rows if r["seconds"] is not None]
     if not rows:
         return None
@@ -143,6 +146,7 @@ def _fmt(v, digits: int = 0) -> str:
 
 
 def stage_table(rows: list[dict]) -> str:
+    """The stages as a markdown table: status, fingerprint, time, peak memory, evaluation time."""
     lines = ["| stage | status | fingerprint | time (s) | peak memory (MiB) | eval time (s) |",
              "|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['status']} | `{r['fingerprint']}` | {_fmt(r['seconds'])} | "
