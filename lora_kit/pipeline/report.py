@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
+from lora_kit.evaluate.suite import markdown_table
 from lora_kit.rundir import write_text
 
 matplotlib.use("Agg")
@@ -168,12 +169,7 @@ def _md_to_html_table(md: str) -> str:
 def write_report(plan, branches=()) -> str:
     """Write OUT/report.md (+ PNGs beside it) and OUT/report.html; return the evaluation table (markdown)."""
     result = combined_result(plan, branches)
-    if result["columns"]:
-        from lora_kit.evaluate.suite import markdown_table  # written in parallel (issue 17's eval suite)
-
-        table = markdown_table(result)
-    else:
-        table = "(no evaluation: the pipeline has no eval stage)"
+    table = markdown_table(result) if result["columns"] else "(no evaluation: the pipeline has no eval stage)"
     rows = stage_rows(plan)
     plots = {"losses": plot_losses(loss_curves(plan)), "metrics": plot_metrics(result), "costs": plot_costs(rows)}
     titles = {"losses": "Loss curves of every stage", "metrics": "Metrics per stage", "costs": "Time and peak memory"}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_kit.errors import LorakitError
+from lora_kit.evaluate.suite import run_suite
 from lora_kit.pipeline.plan import (
     ADAPTER_STAGES,
     ORDER_TEXT,
@@ -219,8 +220,6 @@ def evaluate_stage(plan: Plan, stage: Stage) -> None:
 def evaluate_column(plan: Plan, name: str, stage: Optional[Stage], model: str, adapter: Optional[str],
                     model_fp: str) -> dict:
     """Run the evaluation suite on one model (cached in its stage directory, or OUT/0-base for the base)."""
-    from lora_kit.evaluate.suite import run_suite  # written in parallel (issue 17's eval suite); loads torch models
-
     d = plan.stage_dir(stage) if stage else plan.out / "0-base"
     key = eval_fingerprint(model_fp, plan.eval)
     path = d / EVAL_FILE
