@@ -1,4 +1,4 @@
-"""kill -9 at a random moment of sft, pretrain, rm, dpo or ppo, then resume=true: the result equals an uninterrupted run
+"""kill -9 at a random moment of sft, pretrain, rm, dpo, ppo or grpo, then resume=true: the result equals an uninterrupted run
 bit for bit (CPU fp32). kill -9 during `lorakit merge`, then the same command again: the same output, and no
 half-written directory left anywhere.
 
@@ -114,12 +114,20 @@ def _ppo(inp, out):
             "eval_samples=4", "lora.r=4"]
 
 
+def _grpo(inp, out):
+    return ["grpo", f"model={inp['model']}", f"data={inp['prompts']}", f"output_dir={out}",
+            "reward_fn=ppo_rewards:de_share", "rewards=fn:1", "eval_data=", "dtype=fp32", "max_steps=6",
+            "save_steps=2", "logging_steps=1", "batch_size=2", "num_generations=4", "max_new_tokens=6", "learning_rate=5e-3", "eval_fraction=0.25",
+            "eval_samples=3", "eval_steps=3", "lora.r=4"]
+
+
 STAGES = {
     "sft": Stage(_sft, [("metrics.jsonl", 8)]),
     "pretrain": Stage(_pretrain, [("phase1/metrics.jsonl", 4), ("phase2/metrics.jsonl", 4)]),
     "rm": Stage(_pairs("rm"), [("metrics.jsonl", 8)]),
     "dpo": Stage(_pairs("dpo", ["beta=0.1"]), [("metrics.jsonl", 8)]),
     "ppo": Stage(_ppo, [("metrics.jsonl", 6)], key="reward"),
+    "grpo": Stage(_grpo, [("metrics.jsonl", 6)]),
 }
 
 

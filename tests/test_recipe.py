@@ -102,7 +102,7 @@ def test_out_of_range_values_fail_before_anything_loads(stage, override, valid, 
 def test_every_numeric_key_has_a_range():
     from lora_kit.recipe import all_keys
 
-    for stage in ("sft", "pretrain", "rm", "dpo", "ppo"):
+    for stage in ("sft", "pretrain", "rm", "dpo", "ppo", "grpo"):
         for key, (f, tp) in all_keys(importlib.import_module(BY_NAME[stage].module).Config).items():
             if tp in (int, float):
                 assert "valid" in f.metadata, f"{stage}: {key} has no range"

@@ -107,6 +107,63 @@ def record_pairs(rec: Record) -> list[Pair]:
             if texts[i] != texts[j]]
 
 
+# ---------------------------------------------------------------------------------------------------- unpaired (KTO)
+@dataclass
+class Judged:
+    record: Record
+    prompt: list[dict]
+    completion: str
+    desirable: bool
+
+
+def judged_problems(rec: Record) -> list[str]:
+    """Every problem of an unpaired record (KTO: a prompt, one `completion` and a boolean `label`)."""
+    errors = []
+    try:
+        prompt_messages(rec)
+    except LorakitError as e:
+        errors.append(str(e))
+    d = rec.data if isinstance(rec.data, dict) else {}
+    if "completion" not in d:
+        errors.append(f"{rec.loc('completion')} is missing (an unpaired record has completion and label)")
+    else:
+        try:
+            _response(rec, d["completion"], "completion")
+        except LorakitError as e:
+            errors.append(str(e))
+    if "label" not in d:
+        errors.append(f"{rec.loc('label')} is missing (true = desirable, false = undesirable)")
+    elif not isinstance(d["label"], bool):
+        errors.append(f"{rec.loc('label')} must be true or false, got {json.dumps(d['label'], ensure_ascii=False)}")
+    return errors
+
+
+def is_unpaired(rec: Record) -> bool:
+    """A KTO record (completion + label) rather than a preference pair."""
+    return isinstance(rec.data, dict) and ("label" in rec.data or "completion" in rec.data) and \
+        "chosen" not in rec.data and RANKED not in rec.data
+
+
+def record_judged(rec: Record) -> list[Judged]:
+    """An unpaired record as one judged completion; a preference pair as its chosen (desirable) and rejected
+    (undesirable) answers, as the KTO paper trains on paired data."""
+    if not is_unpaired(rec):
+        return [j for p in record_pairs(rec) for j in (Judged(rec, p.prompt, p.chosen, True),
+                                                       Judged(rec, p.prompt, p.rejected, False))]
+    errors = judged_problems(rec)
+    if errors:
+        raise LorakitError(errors[0])
+    return [Judged(rec, prompt_messages(rec), _response(rec, rec.data["completion"], "completion"), rec.data["label"])]
+
+
+def read_judged(spec: str, max_samples: int = 0, skip_bad: bool = False) -> list[list[Judged]]:
+    """Judged completions grouped by record (unpaired records, or pairs split into a good and a bad answer)."""
+    records = read_records(spec)
+    if max_samples:
+        records = records[:max_samples]
+    return _collect(records, record_judged, skip_bad, spec)
+
+
 def read_pairs(spec: str, max_samples: int = 0, skip_bad: bool = False) -> list[list[Pair]]:
     """Pairs grouped by record (so a held-out split never shares a prompt with training)."""
     records = read_records(spec)
@@ -121,6 +178,28 @@ def read_prompts(spec: str, max_samples: int = 0, skip_bad: bool = False) -> lis
     if max_samples:
         records = records[:max_samples]
     return _collect(records, prompt_messages, skip_bad, spec)
+
+
+def prompt_and_answer(rec: Record) -> tuple[list[dict], Optional[str]]:
+    """(prompt messages, reference answer or None): alpaca `output`, or the final assistant turn of a conversation."""
+    prompt, d = prompt_messages(rec), rec.data
+    answer = d.get("output") if "instruction" in d else None
+    for key, role, content in (("conversations", "from", "value"), ("messages", "role", "content")):
+        turns = d.get(key)
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get(role) in (
+                "gpt", "assistant", "bot", "model"):
+            answer = turns[-1].get(content)
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise LorakitError(f"{rec.loc('output')}: the reference answer must be a non-empty string")
+    return prompt, answer
+
+
+def read_prompts_with_answers(spec: str, max_samples: int = 0, skip_bad: bool = False):
+    """[(prompt messages, reference answer or None)] for RL with verifiable rewards."""
+    records = read_records(spec)
+    if max_samples:
+        records = records[:max_samples]
+    return _collect(records, prompt_and_answer, skip_bad, spec)
 
 
 def _collect(records, fn, skip_bad, spec):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 
 from lora_kit.models.load import sharded_by_fsdp
 
@@ -56,6 +56,12 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         task_type=task_type, modules_to_save=modules_to_save, **extra)
     return _train_in_fp32(get_peft_model(model, config))
+
+
+def continue_lora(model, adapter_dir: str, gradient_checkpointing: bool = False):
+    """Load a trained adapter (e.g. `lorakit sft`'s output) onto `model` as the trainable adapter `default`."""
+    model = freeze_base(model, gradient_checkpointing)
+    return _train_in_fp32(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True))
 
 
 def token_row_targets(model, rows: list[int]) -> dict[str, list[int]]:

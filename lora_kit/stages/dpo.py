@@ -1,5 +1,7 @@
-"""`lorakit dpo`: direct preference optimisation with TRL's DPOTrainer and a LoRA adapter; the reference model is the
-base with the adapter disabled, so only one model is in memory. Prompts are rendered with lorakit's templates.
+"""`lorakit dpo loss=...`: preference optimisation of a LoRA adapter with TRL's trainers: DPO and its TRL variants
+(loss_type), IPO, KTO (unpaired good/bad answers) against the base with the adapter disabled, and the reference-free
+ORPO and SimPO (trl.experimental's ORPOTrainer and CPOTrainer). Prompts are rendered with lorakit's templates; every
+loss reports the same held-out pairwise accuracy (lora_kit.evaluate.preference).
 """
 from __future__ import annotations
 
@@ -8,25 +10,37 @@ from pathlib import Path
 
 import datasets
 from peft import LoraConfig
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from lora_kit.data.pairs import read_pairs
-from lora_kit.data.records import split_eval
+from lora_kit.data.pairs import is_unpaired, read_judged, read_pairs
+from lora_kit.data.records import read_records, split_eval
 from lora_kit.errors import LorakitError
+from lora_kit.evaluate.preference import pairwise_accuracy
 from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import freeze_base
-from lora_kit.recipe import POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
-from lora_kit.training.run import final_eval, install_callbacks, open_run, save_run, training_arguments
+from lora_kit.training.run import (final_eval, install_callbacks, is_main_process, open_run, save_run,
+                                   training_arguments)
+
+LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the mean log-probability, not a ratio to the reference
 
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
     """The `lorakit dpo` recipe: model, data, training, LoRA and TRL's DPO loss settings."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
-    beta: float = arg(0.1, "DPO temperature: higher keeps the policy closer to the reference (Rafailov et al.: 0.1)",
-                      POSITIVE)
-    loss_type: str = arg("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ... (comma-separated to mix)")
+    loss: str = arg("dpo", "dpo (TRL's loss_type) | ipo | kto (unpaired data or pairs) | orpo | simpo (no reference)")
+    beta: float = arg(0.1, "β: DPO/KTO temperature (Rafailov et al., Ethayarajh et al.: 0.1), IPO's τ, SimPO's reward "
+                           "scale (Meng et al.: 2-2.5)", POSITIVE)
+    gamma: float = arg(0.5, "SimPO target margin γ (TRL simpo_gamma; Meng et al. tune γ/β in 0.3-1.6)", GE0)
+    orpo_lambda: float = arg(0.1, "ORPO λ, weight of the odds-ratio term beside the SFT loss (Hong et al.: 0.1)",
+                             POSITIVE)
+    desirable_weight: float = arg(1.0, "KTO λ_D, weight of desirable answers (raise it when they are fewer)", POSITIVE)
+    undesirable_weight: float = arg(1.0, "KTO λ_U, weight of undesirable answers", POSITIVE)
+    loss_type: str = arg("sigmoid", "loss=dpo: TRL DPO loss sigmoid | hinge | robust | exo_pair | nca_pair | "
+                                    "bco_pair | sppo_hard | aot | apo_zero | apo_down | discopop ... (comma = mix)")
     label_smoothing: float = arg(0.0, "probability a preference label is flipped (robust DPO); 0 = plain DPO",
                                  "[0, 0.5]")
 
@@ -45,14 +59,72 @@ def render_pairs(groups, tokenizer, template) -> list[dict]:
     return rows
 
 
-def run(cfg: Config, dry_run: bool = False) -> Path:
-    """Train a LoRA adapter with TRL's DPOTrainer on preference pairs; returns the output directory."""
-    out, ckpt, base, tokenizer, template = open_run(cfg)
-    groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
+def trainer_setup(cfg, loss_type: list[str]):
+    """(trainer class, its config class, loss-specific arguments) for `cfg.loss`."""
+    if cfg.loss in ("dpo", "ipo"):
+        return DPOTrainer, DPOConfig, dict(beta=cfg.beta, loss_type=["ipo"] if cfg.loss == "ipo" else loss_type,
+                                           label_smoothing=cfg.label_smoothing, truncation_mode="keep_start")
+    if cfg.loss == "kto":
+        return KTOTrainer, KTOConfig, dict(beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                                           undesirable_weight=cfg.undesirable_weight)
+    # lazy: trl.experimental warns on import and is needed only for these losses
+    if cfg.loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig, dict(beta=cfg.orpo_lambda)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return CPOTrainer, CPOConfig, dict(loss_type="simpo", cpo_alpha=0.0, beta=cfg.beta, simpo_gamma=cfg.gamma)
+
+
+def read_data(cfg, tokenizer, template) -> tuple[list[dict], list[dict], str]:
+    """(training rows in the loss's format, held-out pairs as text, description). Held-out records are whole records,
+    so a held-out pair never shares a prompt with training."""
+    if cfg.loss != "kto":
+        if any(is_unpaired(r) for r in read_records(cfg.data)[:1]):
+            raise LorakitError(f"{cfg.data}: unpaired records (completion + label) train with loss=kto; "
+                               f"loss={cfg.loss} needs chosen/rejected pairs")
+        groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
+        train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
+        train, held = render_pairs(train_groups, tokenizer, template), render_pairs(held_groups, tokenizer, template)
+        return train, held, f"{len(groups)} records -> {len(train)} training pairs, {len(held)} held-out pairs"
+    groups = read_judged(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
-    train, held = render_pairs(train_groups, tokenizer, template), render_pairs(held_groups, tokenizer, template)
-    print(f"lorakit dpo: {cfg.data}: {len(groups)} records -> {len(train)} training pairs, {len(held)} held-out pairs",
-          flush=True)
+    train = []
+    for group in train_groups:
+        for j in group:
+            segs = segments(tokenizer, template, j.prompt + [{"role": "assistant", "content": j.completion}])
+            train.append({"prompt": "".join(t for t, _ in segs[:-1]), "completion": segs[-1][0].rstrip(),
+                          "label": j.desirable})
+    held = render_pairs([_as_pairs(g) for g in held_groups], tokenizer, template)
+    good = sum(r["label"] for r in train)
+    return train, held, (f"{len(groups)} records -> {good} desirable + {len(train) - good} undesirable answers, "
+                         f"{len(held)} held-out pairs")
+
+
+def _as_pairs(group):
+    """Held-out judged answers of one record as (desirable, undesirable) pairs, for the pairwise accuracy."""
+    good, bad = [j for j in group if j.desirable], [j for j in group if not j.desirable]
+    return [_Pair(g.prompt, g.completion, b.completion) for g in good for b in bad]
+
+
+@dataclass
+class _Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+
+
+def run(cfg: Config, dry_run: bool = False) -> Path:
+    """Train a LoRA adapter with the chosen preference loss on TRL\'s trainers; returns the output directory."""
+    if cfg.loss not in LOSSES:
+        raise LorakitError(f"loss must be one of {', '.join(LOSSES)}, got '{cfg.loss}'")
+    loss_type = [t.strip() for t in cfg.loss_type.split(",") if t.strip()]
+    if not loss_type:
+        raise LorakitError("loss_type is empty (sigmoid for plain DPO)")
+    out, ckpt, base, tokenizer, template = open_run(cfg)
+    train, held, described = read_data(cfg, tokenizer, template)
+    print(f"lorakit dpo: {cfg.data}: {described}", flush=True)
 
     dtype = compute_dtype(cfg.dtype)
     model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -63,32 +135,38 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                              task_type="CAUSAL_LM", target_modules="all-linear" if targets == "all-linear" else
                              [t.strip() for t in targets.split(",") if t.strip()])
+    trainer_class, args_class, loss_args = trainer_setup(cfg, loss_type)
+    keys = ", ".join(f"{k}={v}" for k, v in loss_args.items() if k not in ("truncation_mode", "label_smoothing"))
     print(f"lorakit dpo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), LoRA r={cfg.lora.r} on "
-          f"{targets}; beta={cfg.beta}; {cfg.batch_size * cfg.grad_accum} pairs per step; reference = base with the "
-          "adapter disabled", flush=True)
+          f"{targets}; loss {cfg.loss} ({keys}); {cfg.batch_size * cfg.grad_accum} "
+          f"{'answers' if cfg.loss == 'kto' else 'pairs'} per step; reference = "
+          f"{'none' if cfg.loss in REFERENCE_FREE else 'base with the adapter disabled'}", flush=True)
     if dry_run:
         return out
 
-    loss_type = [t.strip() for t in cfg.loss_type.split(",") if t.strip()]
-    if not loss_type:
-        raise LorakitError("loss_type is empty (sigmoid for plain DPO)")
+    pairwise = cfg.loss != "kto" and bool(held)  # the trainers' own evaluation needs their training format
     # TRL turns bf16 and gradient checkpointing on by default: training_arguments passes lorakit's own choices.
     args = training_arguments(
-        cfg, out, dtype, args_class=DPOConfig, gradient_checkpointing=cfg.gradient_checkpointing, beta=cfg.beta,
-        loss_type=loss_type, label_smoothing=cfg.label_smoothing, max_length=cfg.cutoff_len,
-        truncation_mode="keep_start", eval_strategy="steps" if held else "no",
-        eval_steps=cfg.save_steps if held else None,
-        per_device_eval_batch_size=cfg.batch_size)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
-                         eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tokenizer,
-                         peft_config=peft_config)
-    install_callbacks(trainer, out, desc="dpo")
+        cfg, out, dtype, args_class=args_class, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=cfg.cutoff_len, eval_strategy="steps" if pairwise else "no",
+        eval_steps=cfg.save_steps if pairwise else None, per_device_eval_batch_size=cfg.batch_size, **loss_args)
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                            eval_dataset=datasets.Dataset.from_list(held) if pairwise else None,
+                            processing_class=tokenizer, peft_config=peft_config)
+    install_callbacks(trainer, out, desc=cfg.loss)
     trainer.train(resume_from_checkpoint=ckpt)
-    info = {"pairs": len(train), "held_out_pairs": len(held)}
-    if held:
+    info = {"loss": cfg.loss, "training_rows": len(train), "held_out_pairs": len(held)}
+    if pairwise:
         metrics = final_eval(trainer, "eval_rewards/margins")
         info["held_out_margin"] = round(metrics.get("eval_rewards/margins", float("nan")), 4)
         info["held_out_accuracy"] = round(metrics.get("eval_rewards/accuracies", float("nan")), 4)
-        print(f"lorakit dpo: held-out reward margin {info['held_out_margin']:.3f}, "
-              f"accuracy {info['held_out_accuracy']:.3f} on {len(held)} pairs", flush=True)
+    if held:
+        acc = pairwise_accuracy(trainer.model, tokenizer, held)
+        own = acc["mean_logp_accuracy" if cfg.loss in REFERENCE_FREE else "ratio_accuracy"]
+        info.update(held_out_pref_accuracy=round(own, 4), held_out_ratio_accuracy=round(acc["ratio_accuracy"], 4),
+                    held_out_mean_logp_accuracy=round(acc["mean_logp_accuracy"], 4))
+        if is_main_process():
+            print(f"lorakit dpo: held-out pairwise accuracy {own:.3f} ({cfg.loss}'s implicit reward; log-ratio "
+                  f"{acc['ratio_accuracy']:.3f}, mean log-prob {acc['mean_logp_accuracy']:.3f}) on {len(held)} pairs",
+                  flush=True)
     return save_run(out, trainer.model, tokenizer, cfg, "dpo", base, trainer=trainer, **info)

@@ -34,8 +34,9 @@ from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, T
 from lora_kit.rundir import write_text
 from lora_kit.stages.ppo import core as pc
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
-from lora_kit.stages.ppo.roles import Roles, load_reward_fn
+from lora_kit.stages.ppo.roles import Roles
 from lora_kit.templates import encode, prompt_ids
+from lora_kit.training.rewards import load_reward_fn
 from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run, wait_for_everyone
 
 PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac", "value_loss")

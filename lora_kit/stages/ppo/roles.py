@@ -5,11 +5,10 @@ root of output_dir), critic = adapter `value` + a value head, reference = adapte
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,20 +18,6 @@ from torch import nn
 
 from lora_kit.errors import LorakitError
 from lora_kit.stages.ppo.core import all_sum, world
-
-
-def load_reward_fn(spec: str) -> Callable:
-    """`package.module:function` called as fn(prompts: list[str], responses: list[str]) -> list[float]."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise LorakitError(f"reward_fn '{spec}' must look like package.module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise LorakitError(f"reward_fn '{spec}': cannot import ({e})") from None
-    if not callable(fn):
-        raise LorakitError(f"reward_fn '{spec}' is not callable")
-    return fn
 
 
 def _adapter_dir(path: str, what: str) -> Path:
