@@ -48,7 +48,8 @@ def loop_steps(model_name: str, steps: int) -> list[float]:
         ids = torch.tensor([[tok.pad_token_id] * (width - len(q)) + q for q in queries])
         mask = (torch.arange(width)[None] >= torch.tensor([width - len(q) for q in queries])[:, None]).long()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=settings["new_tokens"],
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 max_new_tokens=settings["new_tokens"],
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         resp = out[:, width:]
         done = (resp == tok.eos_token_id).cumsum(-1) - (resp == tok.eos_token_id).long()
@@ -113,7 +114,8 @@ def main() -> int:
         trainer += trainer_steps(args.model, args.steps, Path(args.workdir) / str(rep))[1:]
     print(f"{settings}, fp32, {args.model}")
     print(f"hand loop    s/step median {statistics.median(loop):.2f} (min {min(loop):.2f}, max {max(loop):.2f})")
-    print(f"GRPOTrainer  s/step median {statistics.median(trainer):.2f} (min {min(trainer):.2f}, max {max(trainer):.2f})")
+    print(f"GRPOTrainer  s/step median {statistics.median(trainer):.2f} (min {min(trainer):.2f}, "
+          f"max {max(trainer):.2f})")
     print(f"ratio trainer / loop {statistics.median(trainer) / statistics.median(loop):.2f}")
     return 0
 

@@ -1,6 +1,6 @@
-"""kill -9 at a random moment of sft, pretrain, rm, dpo, ppo or grpo, then resume=true: the result equals an uninterrupted run
-bit for bit (CPU fp32). kill -9 during `lorakit merge`, then the same command again: the same output, and no
-half-written directory left anywhere.
+"""kill -9 at a random moment of sft, pretrain, rm, dpo, ppo or grpo, then resume=true: the result equals an
+uninterrupted run bit for bit (CPU fp32). kill -9 during `lorakit merge`, then the same command again: the same output,
+and no half-written directory left anywhere.
 
 The kill point is random but reproducible: a seeded RNG per stage picks the logged step to wait for and a delay after
 it, so the kill lands mid-step, mid-checkpoint or mid-save; LORAKIT_KILL_SEED=N explores other points. Fixed edge
@@ -117,8 +117,8 @@ def _ppo(inp, out):
 def _grpo(inp, out):
     return ["grpo", f"model={inp['model']}", f"data={inp['prompts']}", f"output_dir={out}",
             "reward_fn=ppo_rewards:de_share", "rewards=fn:1", "eval_data=", "dtype=fp32", "max_steps=6",
-            "save_steps=2", "logging_steps=1", "batch_size=2", "num_generations=4", "max_new_tokens=6", "learning_rate=5e-3", "eval_fraction=0.25",
-            "eval_samples=3", "eval_steps=3", "lora.r=4"]
+            "save_steps=2", "logging_steps=1", "batch_size=2", "num_generations=4", "max_new_tokens=6",
+            "learning_rate=5e-3", "eval_fraction=0.25", "eval_samples=3", "eval_steps=3", "lora.r=4"]
 
 
 STAGES = {

@@ -20,8 +20,7 @@ from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import freeze_base
 from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
-from lora_kit.training.run import (final_eval, install_callbacks, is_main_process, open_run, save_run,
-                                   training_arguments)
+from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
 
 LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the mean log-probability, not a ratio to the reference

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
@@ -82,7 +81,8 @@ class HeldOutEval(TrainerCallback):
         model.eval()
         messages = [m for m, _ in self.rows]
         answers = generate_answers(model, self.tokenizer, self.template, messages,
-                                   max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size * self.cfg.num_generations, progress=False)
+                                   max_new_tokens=self.cfg.max_new_tokens,
+                                   batch_size=self.cfg.batch_size * self.cfg.num_generations, progress=False)
         model.train(was_training)
         refs = [r for _, r in self.rows]
         row, total = {"step": step}, 0.0

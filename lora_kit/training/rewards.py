@@ -1,8 +1,8 @@
-"""Rewards for RL stages: a user's `package.module:function`, a lorakit reward model (`lorakit rm` adapter + score head),
-and verifiable rewards for the bundled Chinese tasks (sentiment label, word-segmentation F1, answer format, Han share).
+"""Rewards for RL stages: a user's `package.module:function`, a lorakit reward model (`lorakit rm` adapter + score
+head), and verifiable rewards for the bundled Chinese tasks (sentiment label, segmentation F1, format, Han share).
 
-Every reward is a callable (prompts, responses, references) -> list[float] named by its `__name__`; `parse_weights` reads
-a recipe's `rewards` spec ("sentiment:1,format:0.2") into {name: weight}.
+Every reward is a callable (prompts, responses, references, messages) -> list[float]; `parse_weights` reads a recipe's
+`rewards` spec ("sentiment:1,format:0.2") into {name: weight}.
 """
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ class RewardModel:
         path = Path(adapter_dir)
         if not (path / "adapter_config.json").is_file():
             raise LorakitError(f"{path}: reward_adapter must be the output_dir of `lorakit rm` (adapter_config.json)")
-        model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           model_class=AutoModelForSequenceClassification, num_labels=1)
+        model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype,
+                           trust_remote_code=cfg.trust_remote_code, model_class=AutoModelForSequenceClassification,
+                           num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         self.model = PeftModel.from_pretrained(model, str(path)).eval().requires_grad_(False)
         self.tokenizer, self.template = tokenizer, template
@@ -145,8 +146,8 @@ def parse_weights(spec: str, extra: tuple[str, ...] = ()) -> dict[str, float]:
 
 
 def reward_callables(weights: dict[str, float], reward_fn: Optional[Callable], reward_model: Optional[RewardModel]):
-    """[(name, callable(prompts, responses, references, messages) -> floats)] for every weighted reward, plus han_share (weight
-    0 unless given) so the share of Chinese in the answers is always logged."""
+    """[(name, callable(prompts, responses, references, messages) -> floats)] for every weighted reward, plus
+    han_share (weight 0 unless given) so the share of Chinese in the answers is always logged."""
     user = {"fn": (lambda p, r, refs=None, msgs=None: [float(v) for v in reward_fn(p, r)]) if reward_fn else None,
             "model": reward_model}
     out = []
