@@ -106,10 +106,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/lorakit-grpo-vs-loop")
     args = ap.parse_args()
     loop, trainer = [], []
-    for rep in range(2):
+    for rep in range(args.reps):
         loop += loop_steps(args.model, args.steps)[1:]
         trainer += trainer_steps(args.model, args.steps, Path(args.workdir) / str(rep))[1:]
     print(f"{settings}, fp32, {args.model}")

@@ -83,3 +83,15 @@ def test_pair_losses_refuse_unpaired_records(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "kto.jsonl", [{"instruction": "评价", "completion": "很好", "label": True}] * 4)
     assert main(dpo_args(tiny_model_dir, data, tmp_path / "o", "simpo")) == 2
     assert "train with loss=kto" in capsys.readouterr().err
+
+
+def test_data_check_lists_every_unpaired_problem(tmp_path, capsys):
+    rows = [{"instruction": "评价", "completion": "很好", "label": True}, {"instruction": "评价", "label": 1},
+            {"instruction": "评价", "completion": "很差"}]
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    assert main(["data", "check", str(data)]) != 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    for problem in ("kto.jsonl:2: field 'completion' is missing", "kto.jsonl:2: field 'label' must be true or false",
+                    "kto.jsonl:3: field 'label' is missing"):
+        assert problem in text, text

@@ -7,13 +7,13 @@ import json
 import re
 from pathlib import Path
 
-from lora_kit.data.pairs import pair_problems, prompt_messages
+from lora_kit.data.pairs import judged_problems, pair_problems, prompt_messages
 from lora_kit.data.records import detect_format, read_records
 from lora_kit.data.text import TEXT_SUFFIXES
 from lora_kit.errors import LorakitError
 from lora_kit.templates import encode, prompt_ids
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "prompts", "text")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "unpaired", "prompts", "text")
 SFT_KEYS = ("instruction", "output", "conversations", "messages")
 
 
@@ -27,19 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("file", help="a data file (json, jsonl, csv, parquet, txt) or a directory of text files")
     c.add_argument("--format", default="auto", choices=FORMATS,
                    help="alpaca | sharegpt | messages (sft), pairs (rm, dpo: chosen/rejected or ranked responses), "
-                        "prompts (ppo), text (pretrain: .txt lines or jsonl 'text'); auto detects it from the file")
+                        "unpaired (dpo loss=kto: completion + label), prompts (ppo, grpo), text (pretrain: .txt lines "
+                        "or jsonl 'text'); auto detects it from the file")
     c.add_argument("--model", help="tokenizer to count tokens against --cutoff-len")
     c.add_argument("--cutoff-len", type=int, default=512)
     c.add_argument("--max-problems", type=int, default=50, help="stop listing after this many")
 
 
 def detect_kind(path: Path, records) -> str:
-    """sft, pairs, prompts or text, from the file type and the first record that is an object."""
+    """sft, pairs, unpaired, prompts or text, from the file type and the first record that is an object."""
     if path.is_dir() or path.suffix == ".txt":
         return "text"
     first = next((r.data for r in records if isinstance(r.data, dict)), {})
     if any(k in first for k in ("chosen", "rejected", "responses")):
         return "pairs"
+    if "completion" in first or "label" in first:
+        return "unpaired"
     if "text" in first and not any(k in first for k in SFT_KEYS):
         return "text"
     if "prompt" in first or ("instruction" in first and "output" not in first):
@@ -58,8 +61,9 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -
         records = read_records(path, problems)
     except LorakitError as e:
         return 0, [str(e)]
-    kind = detect_kind(p, records) if fmt == "auto" else fmt if fmt in ("pairs", "prompts", "text") else "sft"
-    sequences = {"sft": _sft, "pairs": _pairs, "prompts": _prompts, "text": _text_record}[kind]
+    kinds = ("pairs", "unpaired", "prompts", "text")
+    kind = detect_kind(p, records) if fmt == "auto" else fmt if fmt in kinds else "sft"
+    sequences = {"sft": _sft, "pairs": _pairs, "unpaired": _unpaired, "prompts": _prompts, "text": _text_record}[kind]
     template = None
     if tokenizer is not None:
         from lora_kit.templates import resolve
@@ -115,6 +119,14 @@ def _pairs(rec, state):
     if errors:
         return errors, None, []
     return [], _key([prompt, texts]), [("full", prompt + [{"role": "assistant", "content": t}]) for t in texts]
+
+
+def _unpaired(rec, state):
+    errors = judged_problems(rec)
+    if errors:
+        return errors, None, []
+    msgs = prompt_messages(rec) + [{"role": "assistant", "content": rec.data["completion"]}]
+    return [], _key(msgs), [("full", msgs)]
 
 
 def _prompts(rec, state):
