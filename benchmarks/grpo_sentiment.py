@@ -49,7 +49,8 @@ def main() -> int:
             near = [t for t in train if t["step"] <= r["step"]]
             kl = f"{near[-1]['kl']:.4f}" if near else "-"
             length = f"{near[-1]['completions/mean_length']:.1f}" if near else "-"
-            print(f"{r['step']:4d} | {p:.3f} | {math.sqrt(p * (1 - p) / n):.3f} | {r['eval_reward/format']:.3f} | "
+            fmt = f"{r['eval_reward/format']:.3f}" if "eval_reward/format" in r else "-"
+            print(f"{r['step']:4d} | {p:.3f} | {math.sqrt(p * (1 - p) / n):.3f} | {fmt} | "
                   f"{r['eval_reward/han_share']:.3f} | {kl} | {length}")
     return 0
 
