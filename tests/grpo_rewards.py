@@ -1,7 +1,7 @@
 """Rewards used by the GRPO tests (imported by `reward_fn=grpo_rewards:...`)."""
 
 FIXED = [0.0, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 9.0]  # two groups of four completions
-TARGET = "的"
+TARGET = "的"  # tests set it to a token of their model
 
 
 def fixed(prompts, responses):
@@ -10,6 +10,6 @@ def fixed(prompts, responses):
     return list(FIXED)
 
 
-def target_share(prompts, responses):
-    """Share of response characters that are TARGET: rewards emitting one particular token."""
-    return [r.count(TARGET) / max(len(r), 1) for r in responses]
+def starts_with_target(prompts, responses):
+    """1 for a response that starts with TARGET: rewards one particular first token."""
+    return [float(r.startswith(TARGET)) for r in responses]

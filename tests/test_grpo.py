@@ -36,10 +36,14 @@ def args(model, data, out, *extra):
 
 def test_group_advantages_equal_hand_computed_values(tiny_model_dir, tmp_path, monkeypatch):
     seen = []
-    original = GRPOTrainer._compute_loss
-    monkeypatch.setattr(GRPOTrainer, "_compute_loss",
-                        lambda self, model, inputs: seen.append(inputs["advantages"].clone()) or original(self, model,
-                                                                                                         inputs))
+    original = GRPOTrainer._generate_and_score_completions
+
+    def scored(self, inputs):  # the batch in generation order (TRL shuffles it afterwards, before the loss)
+        out = original(self, inputs)
+        seen.append(out["advantages"].clone())
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", scored)
     out = tmp_path / "g"
     assert main(args(tiny_model_dir, prompts(tmp_path), out, "reward_fn=grpo_rewards:fixed", "max_steps=1",
                 "rewards=fn:1")) == 0
@@ -57,32 +61,36 @@ def test_group_advantages_equal_hand_computed_values(tiny_model_dir, tmp_path, m
     assert torch.allclose(seen[1], torch.tensor(expected), atol=1e-5), (seen[1], expected)
 
 
-def first_token_probability(model, tokenizer, texts, token_id) -> float:
+def first_token_probabilities(model, tokenizer, texts) -> torch.Tensor:
+    """The next-token distribution after each prompt, averaged over the prompts."""
     with torch.no_grad():
-        probs = []
-        for t in texts:
-            ids = tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids
-            probs.append(torch.softmax(model(ids).logits[0, -1].float(), -1)[token_id].item())
-    return sum(probs) / len(probs)
+        ids = [tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids for t in texts]
+        probs = [torch.softmax(model(i).logits[0, -1].float(), -1) for i in ids]
+    return torch.stack(probs).mean(0)
 
 
 @pytest.mark.slow
 def test_reward_for_one_token_raises_its_probability_and_trains_only_the_adapter(peaked_model_dir, tmp_path,
-                                                                                 base_watch):
+                                                                                 base_watch, monkeypatch):
     tok = AutoTokenizer.from_pretrained(peaked_model_dir)
     template = resolve("auto", tok)
     texts = [prompt_text(tok, template, [{"role": "user", "content": f"写一条评价{i}"}]) for i in range(32)]
-    base = AutoModelForCausalLM.from_pretrained(peaked_model_dir)
-    target = tok.convert_tokens_to_ids(tok.tokenize(grpo_rewards.TARGET))
-    assert len(target) == 1, "the rewarded text must be one token of the tiny tokenizer"
-    before = first_token_probability(base, tok, texts, target[0])
+    before = first_token_probabilities(AutoModelForCausalLM.from_pretrained(peaked_model_dir), tok, texts)
+    # the rewarded token: the likeliest first token below 0.2 that is whole text on its own (byte-level pieces of a
+    # character would not show in the decoded answer)
+    whole = lambda i: i not in tok.all_special_ids and "\ufffd" not in tok.decode([i]) and tok.decode([i]).strip() \
+        and tok.encode(tok.decode([i]), add_special_tokens=False) == [i]
+    target = next(int(i) for i in before.argsort(descending=True) if before[i] < 0.2 and whole(int(i)))
+    monkeypatch.setattr(grpo_rewards, "TARGET", tok.decode([target]))
 
     out = tmp_path / "tok"
-    assert main(args(peaked_model_dir, prompts(tmp_path), out, "reward_fn=grpo_rewards:target_share", "rewards=fn:1",
-                     "max_steps=12", "batch_size=4", "learning_rate=2e-2", "beta=0.01", "save_steps=100")) == 0
+    assert main(args(peaked_model_dir, prompts(tmp_path), out, "reward_fn=grpo_rewards:starts_with_target",
+                     "rewards=fn:1", "max_steps=12", "batch_size=4", "learning_rate=5e-3", "beta=0.01",
+                     "save_steps=100")) == 0
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir), str(out))
-    after = first_token_probability(policy, tok, texts, target[0])
-    assert after > 2 * before and after > before + 0.05, (before, after)
+    after = first_token_probabilities(policy, tok, texts)
+    assert after[target] > 1.5 * before[target] and after[target] > before[target] + 0.05, (before[target],
+                                                                                           after[target])
     trainable = base_watch["trainable"]  # what the trainer could update: the policy adapter's LoRA weights only
     assert trainable and all("lora_" in n and ".default." in n for n in trainable), trainable[:3]
     assert base_watch["frozen"] > 0 and base_watch["changed_frozen"] == []  # base and reference copy untouched

@@ -30,9 +30,9 @@ from lora_kit.cli import main
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("LORAKIT_KILL_SEED", "0"))
 TESTS = Path(__file__).resolve().parent
-# logged values that measure time, or count from the start of this process (TRL's num_tokens is not kept in its
-# checkpoints), so differ after a resume
-VOLATILE = re.compile(r"runtime|per_second|tokens_per_s|seconds|num_tokens$")
+# logged values that measure time (TRL GRPO's step_time too), or count from the start of this process (TRL's num_tokens
+# is not kept in its checkpoints), so differ after a resume
+VOLATILE = re.compile(r"runtime|per_second|tokens_per_s|seconds|step_time|num_tokens$")
 
 
 def rng_for(name: str) -> random.Random:

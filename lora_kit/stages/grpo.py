@@ -65,6 +65,18 @@ def trl_reward(name: str, fn):
     return reward
 
 
+class EpochSeededGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose prompt order is a function of the epoch. TRL's RepeatSampler draws every epoch from one
+    generator seeded once, so a run resumed at a later epoch would replay the first epoch's order; seeding it with
+    seed + epoch at each epoch (the Trainer calls set_epoch) makes resume exact."""
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if getattr(sampler, "seed", None) is not None:
+            sampler.set_epoch = lambda epoch: sampler.generator.manual_seed(sampler.seed + epoch)
+        return sampler
+
+
 class HeldOutEval(TrainerCallback):
     """Greedy answers to held-out prompts scored by every reward, written to metrics.jsonl as eval_reward/<name> and
     eval_reward (the weighted sum): at step 0, every `every` steps and at the end. Greedy decoding draws no random
@@ -157,8 +169,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
         reward_weights=[weights.get(n, 0.0) for n, _ in rewards], num_iterations=1, disable_dropout=True,
         log_completions=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(n, fn) for n, fn in rewards], args=args,
-                          train_dataset=datasets.Dataset.from_list(data), processing_class=tokenizer)
+    trainer = EpochSeededGRPOTrainer(model=model, reward_funcs=[trl_reward(n, fn) for n, fn in rewards], args=args,
+                                     train_dataset=datasets.Dataset.from_list(data), processing_class=tokenizer)
     install_callbacks(trainer, out, desc="grpo")
     held_eval = None
     if held:
