@@ -110,6 +110,8 @@ def record_pairs(rec: Record) -> list[Pair]:
 # ---------------------------------------------------------------------------------------------------- unpaired (KTO)
 @dataclass
 class Judged:
+    """One answer judged desirable or not (KTO's unpaired data)."""
+
     record: Record
     prompt: list[dict]
     completion: str

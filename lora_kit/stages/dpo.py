@@ -28,7 +28,7 @@ REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the mean log-prob
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
-    """The `lorakit dpo` recipe: model, data, training, LoRA and TRL's DPO loss settings."""
+    """The `lorakit dpo` recipe: model, data, training, LoRA, the preference loss and its papers' keys."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
     loss: str = arg("dpo", "dpo (TRL's loss_type) | ipo | kto (unpaired data or pairs) | orpo | simpo (no reference)")
     beta: float = arg(0.1, "β: DPO/KTO temperature (Rafailov et al., Ethayarajh et al.: 0.1), IPO's τ, SimPO's reward "
@@ -115,7 +115,7 @@ class _Pair:
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
-    """Train a LoRA adapter with the chosen preference loss on TRL\'s trainers; returns the output directory."""
+    """Train a LoRA adapter with the chosen preference loss on TRL's trainers; returns the output directory."""
     if cfg.loss not in LOSSES:
         raise LorakitError(f"loss must be one of {', '.join(LOSSES)}, got '{cfg.loss}'")
     loss_type = [t.strip() for t in cfg.loss_type.split(",") if t.strip()]

@@ -3,8 +3,9 @@ with weighted rewards (lora_kit.training.rewards) and a held-out evaluation of t
 
 The reference is the starting adapter frozen beside the trained one (TRL copies it to adapter `ref`): the base itself
 for a fresh LoRA (its B is zero), the SFT policy with `sft_adapter=`; one base model either way. TRL's trainer, not a
-loop written here as PPO had to be: it brings the Trainer's checkpoints, exact resume, processes and loss variants
-(DAPO, Dr. GRPO), and its step time against a minimal loop is measured in BENCHMARKS.md "GRPO".
+loop written here as PPO had to be: it brings the Trainer's checkpoints, resume (exact once its sampler is seeded per
+epoch, below), processes and loss variants (DAPO, Dr. GRPO) that a loop would rewrite.
+benchmarks/grpo_trainer_vs_loop.py times it against a minimal loop (BENCHMARKS.md "GRPO" says what was measured).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from lora_kit.training.run import install_callbacks, is_main_process, open_run, 
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
+    """`lorakit grpo` recipe keys."""
+
     lora: LoraArgs = section(LoraArgs, "LoRA adapter trained when no sft_adapter is given")
     sft_adapter: str = arg("", "adapter the policy starts from (e.g. `lorakit sft` output; also the frozen reference)")
     reward_fn: str = arg("", "reward `fn`: package.module:function(prompts, responses) -> floats")
@@ -119,6 +122,7 @@ class HeldOutEval(TrainerCallback):
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
+    """Train a LoRA adapter with GRPO on TRL's GRPOTrainer; returns the output directory."""
 
     extra = (("fn",) if cfg.reward_fn else ()) + (("model",) if cfg.reward_adapter else ())
     weights = parse_weights(cfg.rewards, extra)
