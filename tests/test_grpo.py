@@ -16,7 +16,7 @@ from conftest import write_jsonl
 from lora_kit.cli import main
 from lora_kit.stages.grpo import prompt_text
 from lora_kit.templates import resolve
-from lora_kit.training.rewards import answer_format, parse_weights, segment_f1, sentiment, words_f1
+from lora_kit.training.rewards import answer_format, parse_weights, segment_f1, sentiment
 from test_ppo import peaked_model_dir  # noqa: F401 (fixture)
 from test_pref_losses import base_watch  # noqa: F401 (fixture)
 
@@ -107,10 +107,9 @@ def test_reward_for_one_token_raises_its_probability_and_trains_only_the_adapter
 
 def test_verifiable_rewards_score_the_bundled_tasks():
     assert sentiment(["p"] * 3, ["正面", " 负面。", "正面的"], ["正面", "负面", "正面"]) == [1.0, 1.0, 0.0]
-    assert words_f1("中国 人民 站 起来", "中国 人民 站起来") == pytest.approx(2 * 2 / (4 + 3))
-    assert words_f1("中国人民", "中国 人民") == 0.0  # one wrong span, none right
-    assert words_f1("中国 人", "中国 人民") == 0.0  # characters lost: not a segmentation of the sentence
-    assert segment_f1(["p"], ["中国 人民"], ["中国 人民"]) == [1.0]
+    assert segment_f1(["p"] * 4, ["中国 人民 站 起来", "中国人民", "中国 人民", "中国 人"],
+                      ["中国 人民 站起来", "中国 人民", "中国 人民", "中国 人民"]) == \
+        pytest.approx([2 * 2 / (4 + 3), 0.0, 1.0, 0.5])  # spans: 2 of 4 and 3; none; all; 中国 only
     answers, refs = ["正面", "好评", "中国人 民", "中国"], ["负面", "正面", "中国 人民", "中国 人民"]
     assert answer_format(["p"] * 4, answers, refs) == [1.0, 0.0, 1.0, 0.0]
     assert parse_weights("sentiment:1, format:0.2,segment_f1") == {"sentiment": 1.0, "format": 0.2, "segment_f1": 1.0}

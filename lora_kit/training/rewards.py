@@ -16,7 +16,8 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from lora_kit.errors import LorakitError
-from lora_kit.evaluate.tasks import normalise as answer_text  # compared as `lorakit eval` compares answers
+from lora_kit.evaluate.scores import normalise as answer_text  # compared as `lorakit eval` compares answers
+from lora_kit.evaluate.scores import segmentation_prf
 from lora_kit.models.load import load_model
 from lora_kit.templates import encode
 
@@ -39,31 +40,14 @@ def load_reward_fn(spec: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------- verifiable
-def words_f1(answer: str, reference: str) -> float:
-    """Word-segmentation F1: words are compared as character spans of the unsegmented text (so a word counts only
-    where it stands); 0 when the answer's characters are not the reference's."""
-    def spans(text: str) -> set[tuple[int, int]]:
-        out, pos = set(), 0
-        for w in text.split():
-            out.add((pos, pos + len(w)))
-            pos += len(w)
-        return out
-
-    if "".join(answer.split()) != "".join(reference.split()):
-        return 0.0
-    a, r = spans(answer), spans(reference)
-    hit = len(a & r)
-    return 0.0 if not hit else 2 * hit / (len(a) + len(r))
-
-
 def sentiment(prompts, responses, references=None, messages=None) -> list[float]:
     """1 if the answer is the reference label (正面/负面), else 0."""
     return [float(answer_text(t) == answer_text(r)) for t, r in zip(responses, _need(references, "sentiment"))]
 
 
 def segment_f1(prompts, responses, references=None, messages=None) -> list[float]:
-    """Word-segmentation F1 of the answer against the reference segmentation."""
-    return [words_f1(answer_text(t), r) for t, r in zip(responses, _need(references, "segment_f1"))]
+    """Word-segmentation F1 of the answer against the reference (SIGHAN: words compared as character spans)."""
+    return [segmentation_prf([answer_text(t)], [r])["f1"] for t, r in zip(responses, _need(references, "segment_f1"))]
 
 
 def answer_format(prompts, responses, references=None, messages=None) -> list[float]:
