@@ -204,13 +204,19 @@ def run_command(argv: list[str], label: str) -> float:
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_stage(plan: Plan, stage: Stage) -> None:
     """The suite's column for the model a stage produced. rm trains no policy and gets none; an adapter stage right
-    before `merge` gets none either: the merge's column measures the same weights (folded in and verified)."""
-    after = plan.stages[stage.index] if stage.index < len(plan.stages) else None
-    if stage.name == "rm" or (stage.name in ADAPTER_STAGES and after is not None and after.name == "merge"):
-        return
+    before `merge` gets none either: the merge's column measures the same weights (folded in and verified). The eval
+    stage measures the final model as the column of the stage that produced it (one cache, after_each or not)."""
     if stage.name == "eval":
-        model, adapter = stage.model, stage.adapter
-    elif stage.name in ("extend-vocab", "merge"):
+        producers = [s for s in plan.stages[: stage.index - 1] if s.name not in ("rm", "eval")]
+        if producers:
+            stage = producers[-1]
+        else:
+            return
+    else:
+        after = plan.stages[stage.index] if stage.index < len(plan.stages) else None
+        if stage.name == "rm" or (stage.name in ADAPTER_STAGES and after is not None and after.name == "merge"):
+            return
+    if stage.name in ("extend-vocab", "merge"):
         model, adapter = str(plan.stage_dir(stage)), None
     else:
         model, adapter = stage.model, str(plan.stage_dir(stage))
