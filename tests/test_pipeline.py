@@ -215,3 +215,22 @@ def test_ablating_extend_vocab_wires_pretrain_to_the_base_with_phase2_only(tiny_
     assert f"model={tiny_model_dir}" in pretrain.argv and "phases=[2]" in pretrain.argv
     assert pretrain.fingerprint != full.stages[1].fingerprint
     assert branch.stages[1].argv[-2] == f"model={tmp_path / 'b' / '1-pretrain' / 'merged'}"
+
+
+def test_evaluation_after_each_stage_base_first_and_cached(tiny_model_dir, tmp_path, capsys):
+    sft = {"data": "zh_sft_mix", "max_samples": 16, "cutoff_len": 128, "batch_size": 2, "max_steps": 2,
+           "save_steps": 2, "logging_steps": 1, "dtype": "fp32", "gradient_checkpointing": False}
+    path = recipe(tmp_path, tiny_model_dir, [{"sft": sft}, {"merge": {}}, {"eval": {"limit": 2, "batch_size": 2}}])
+    out = tmp_path / "out"
+    assert main(["pipeline", "--recipe", str(path), f"output_dir={out}"]) == 0
+    report = (out / "report.md").read_text()
+    header = next(l for l in report.splitlines() if l.startswith("| metric"))
+    assert header.split("|")[2:4] == [" base ", " 2-merge "]  # base first; sft is measured as its verified merge
+    base = json.loads((out / "0-base" / "eval.json").read_text())["result"]
+    final = json.loads((out / "2-merge" / "eval.json").read_text())["result"]
+    assert base["metrics"]["zh_tokens_per_char"]["base"] == final["metrics"]["zh_tokens_per_char"]["2-merge"]
+    assert base["metrics"]["zh_bits_per_char"]["base"] != final["metrics"]["zh_bits_per_char"]["2-merge"]
+    capsys.readouterr()
+    assert main(["pipeline", "--recipe", str(path), f"output_dir={out}", "eval.after_each=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluating" not in printed and printed.count("skipped") == 2  # the final column's cache is shared
