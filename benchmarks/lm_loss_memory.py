@@ -36,7 +36,7 @@ def child(mode: str, block: int, steps: int, head: str) -> dict:
     from lora_kit.models.lora import attach_lora
     from lora_kit.recipe import LoraArgs
     from lora_kit.training import loss as lmloss
-    from lora_kit.training.loss import Trainer
+    from lora_kit.training.loss import PositionLossTrainer
 
     torch.manual_seed(0)
     model = load_model(resolve_model("smollm2-135m"), dtype="fp32")
@@ -57,7 +57,7 @@ def child(mode: str, block: int, steps: int, head: str) -> dict:
     fake = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
 
     def step():
-        loss = model(**inputs).loss if mode == "plain" else Trainer.compute_loss(fake, model, dict(inputs))
+        loss = model(**inputs).loss if mode == "plain" else PositionLossTrainer.compute_loss(fake, model, dict(inputs))
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()

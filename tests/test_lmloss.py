@@ -43,7 +43,7 @@ def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied
     inputs = {"input_ids": ids, "labels": labels}
     monkeypatch.setattr(lmloss, "CHUNK", 16)  # several chunks, the last one partial
     trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
-    assert_loss_and_grads_match_the_models_own(partial(lmloss.Trainer.compute_loss, trainer), model, inputs)
+    assert_loss_and_grads_match_the_models_own(partial(lmloss.PositionLossTrainer.compute_loss, trainer), model, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -40,7 +40,7 @@ from lora_kit.recipe import (
     section,
 )
 from lora_kit.rundir import is_finished, read_run, run_info, write_json, write_text
-from lora_kit.training.loss import Trainer
+from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import (
     install_callbacks,
     is_main_process,
@@ -236,7 +236,7 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
     steps, t0 = 0, time.time()
     if settings.max_steps > start_step:
         args = training_arguments(settings, d, compute_dtype(cfg.dtype))
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
+        trainer = PositionLossTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
                           processing_class=tokenizer)
         install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
         trainer.train(resume_from_checkpoint=ckpt)

@@ -67,7 +67,7 @@ def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
                              reduction="sum") for i in range(0, hidden.shape[0], chunk))
 
 
-class Trainer(transformers.Trainer):
+class PositionLossTrainer(transformers.Trainer):
     """Computes the loss from the final hidden states at the trained positions (SFT labels only assistant tokens, ~9%
     of a packed alpaca_zh row; pretraining trains all). The model call still goes through every wrapper (DDP, PEFT);
     its own head sees no position (`logits_to_keep` is an all-false mask). Same sum and normaliser as the model's
