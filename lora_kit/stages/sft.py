@@ -56,8 +56,9 @@ def prepare_data(cfg, tokenizer, template):
 
 
 @dataclass
-class Job:
-    """Everything `run` needs after setup; tests use it to look at weights before and after training."""
+class PreparedRun:
+    """A run loaded and ready to train: what `run` needs after `setup`; tests use it to look at weights before and
+    after training."""
 
     trainer: object
     model: object
@@ -69,7 +70,7 @@ class Job:
     stats: object
 
 
-def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
+def setup(cfg: Config, dry_run: bool = False) -> Optional[PreparedRun]:
     """Load data, model and trainer for `run` (None after a dry run, which prints the plan and stops)."""
     out, ckpt, base, tokenizer, template = open_run(cfg)
     set_seed(cfg.seed)  # LoRA A is initialised before the trainer seeds anything
@@ -100,7 +101,7 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[Job]:
     trainer = PositionLossTrainer(model=model, args=args, train_dataset=train, eval_dataset=held or None,
                       data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer)
     install_callbacks(trainer, out, desc="sft")
-    return Job(trainer, model, tokenizer, out, ckpt, base, new_ids, stats)
+    return PreparedRun(trainer, model, tokenizer, out, ckpt, base, new_ids, stats)
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:
