@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
 
 
 @dataclass
-class Base:
+class BaseTokenizer:
     """The tokenizer being extended: its kind (sentencepiece or byte-level), files, and whether weights exist."""
     name: str  # what the user passed, resolved (recorded as base_model)
     kind: str  # "sentencepiece" or "bytelevel"
@@ -67,27 +67,27 @@ class Base:
     doc: Optional[dict] = None  # byte-level tokenizer.json
 
 
-def resolve_base(spec: str) -> Base:
+def resolve_base(spec: str) -> BaseTokenizer:
     """Find the base tokenizer for --model (a .model file, a model directory, alias or hub id)."""
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix != ".model":
             raise LorakitError(f"{p}: expected a model directory or a SentencePiece .model file")
         vocab_sp.check_bpe(vocab_sp.load_proto(p), p)
-        return Base(str(p.resolve()), "sentencepiece", None, False, sp_path=p)
+        return BaseTokenizer(str(p.resolve()), "sentencepiece", None, False, sp_path=p)
     d = Path(resolve_model(spec))
     if not d.is_dir():
         d = _download(spec)
     weights = any(d.glob("*.safetensors"))
     if (d / "tokenizer.model").is_file():
         vocab_sp.check_bpe(vocab_sp.load_proto(d / "tokenizer.model"), d / "tokenizer.model")
-        return Base(str(d), "sentencepiece", d, weights, sp_path=d / "tokenizer.model")
+        return BaseTokenizer(str(d), "sentencepiece", d, weights, sp_path=d / "tokenizer.model")
     if (d / "tokenizer.json").is_file():
         doc = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
         if not vocab_bpe.is_bytelevel(doc):
             raise LorakitError(f"{d / 'tokenizer.json'}: only byte-level BPE or SentencePiece BPE tokenizers "
                                "can be extended")
-        return Base(str(d), "bytelevel", d, weights, doc=doc)
+        return BaseTokenizer(str(d), "bytelevel", d, weights, doc=doc)
     raise LorakitError(f"{d}: no tokenizer.model or tokenizer.json found")
 
 
@@ -190,7 +190,7 @@ def select(sp_pieces: list[str], words: list[str], present: set[str], budget: in
 
 
 # ---------------------------------------------------------------------------------------------------- the two paths
-def extend_sentencepiece(base: Base, pieces: list[str], words: list[str], args, out: Path) -> dict:
+def extend_sentencepiece(base: BaseTokenizer, pieces: list[str], words: list[str], args, out: Path) -> dict:
     """Merge into the SentencePiece model, prune dead pieces, write tokenizer.model + the HF tokenizer."""
     proto = vocab_sp.load_proto(base.sp_path)
     present = {p.piece for p in proto.pieces}
@@ -229,7 +229,7 @@ def _hf_encode(tok):
     return lambda lines: [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
 
 
-def extend_bytelevel(base: Base, pieces: list[str], words: list[str], args, out: Path) -> dict:
+def extend_bytelevel(base: BaseTokenizer, pieces: list[str], words: list[str], args, out: Path) -> dict:
     """Add tokens + merges to the byte-level BPE, prune dead tokens, write tokenizer.json (+ the base's config
     files)."""
     merger = vocab_bpe.Merger(base.doc)
@@ -282,7 +282,7 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- model and report
-def resize_and_save(base: Base, result: dict, out: Path) -> int:
+def resize_and_save(base: BaseTokenizer, result: dict, out: Path) -> int:
     """Load the base weights, resize embeddings (new rows from sub-token means), save; returns rows."""
     model = load_model(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
     stored = getattr(model.config, "dtype", None) or torch.float32
@@ -297,7 +297,7 @@ def resize_and_save(base: Base, result: dict, out: Path) -> int:
     return rows
 
 
-def report(base: Base, args, result: dict, held: list[str], train_lines: int, seconds: float) -> dict:
+def report(base: BaseTokenizer, args, result: dict, held: list[str], train_lines: int, seconds: float) -> dict:
     """The extension report (vocab_report.json): pieces added, chars/token before and after, drift, agreement."""
     enc = result["encoders"]
     heldout = {"corpus_slice": vocab_check.efficiency(enc["base"], enc["new"], held)}
