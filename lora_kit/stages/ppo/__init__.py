@@ -382,10 +382,10 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if is_main_process():
         roles.save(out)
         plot_metrics(out, PLOT_KEYS, panels=True)
-    return save_run(out, _Saved(roles.model), tokenizer, cfg, "ppo", base, **info)
+    return save_run(out, _SavedByRoles(roles.model), tokenizer, cfg, "ppo", base, **info)
 
 
-class _Saved:
+class _SavedByRoles:
     """The PeftModel for save_run, whose weights Roles.save already wrote (save_pretrained would also write the
     reference and reward adapters)."""
 
