@@ -67,15 +67,15 @@ def ragged_batch(rows=6):
 def stats_worker(side: Path) -> int:
     """Under torchrun: rank r whitens and normalises rows [3r, 3r + 3) of `ragged_batch`, through ppo_core's
     all-reduces."""
-    from lora_kit.stages.ppo import core as pc
+    from lora_kit.stages.ppo import core as ppo_core
 
-    rank, world = pc.init_processes()
+    rank, world = ppo_core.init_processes()
     x, mask, scores = (t[3 * rank:3 * rank + 3] for t in ragged_batch(3 * world))
-    moments = pc.RunningMoments()
+    moments = ppo_core.RunningMoments()
     moments.update(scores)
     moments.update(2 * scores + 1)
-    torch.save({"whiten": pc.masked_whiten(x, mask), "moments": moments.state_dict(),
-                "kl": pc.global_mean((x * mask).sum(-1)), "count": pc.all_sum(mask.sum()).item()},
+    torch.save({"whiten": ppo_core.masked_whiten(x, mask), "moments": moments.state_dict(),
+                "kl": ppo_core.global_mean((x * mask).sum(-1)), "count": ppo_core.all_sum(mask.sum()).item()},
                side / f"stats{rank}.pt")
     import torch.distributed as dist
 
@@ -126,7 +126,7 @@ def torchrun(args: list[str], env: dict, side: Path) -> list[tuple[dict, list]]:
 def test_statistics_are_those_of_the_global_batch(tmp_path, env):
     """Whitening, running reward moments and the measured KL on 2 ranks with different token counts equal one
     process's on all rows, identically on both ranks."""
-    from lora_kit.stages.ppo import core as pc
+    from lora_kit.stages.ppo import core as ppo_core
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            __file__, "--stats", str(tmp_path)]
@@ -135,8 +135,8 @@ def test_statistics_are_those_of_the_global_batch(tmp_path, env):
     r0, r1 = (torch.load(tmp_path / f"stats{r}.pt") for r in (0, 1))
     x, mask, scores = ragged_batch()
     assert r0["count"] == r1["count"] == mask.sum() and mask[:3].sum() != mask[3:].sum()  # ragged token counts
-    assert torch.allclose(torch.cat([r0["whiten"], r1["whiten"]]), pc.masked_whiten(x, mask), atol=1e-6)
-    one = pc.RunningMoments()
+    assert torch.allclose(torch.cat([r0["whiten"], r1["whiten"]]), ppo_core.masked_whiten(x, mask), atol=1e-6)
+    one = ppo_core.RunningMoments()
     one.update(scores)
     one.update(2 * scores + 1)
     assert r0["moments"] == r1["moments"] and r0["kl"] == r1["kl"]

@@ -32,7 +32,7 @@ from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.rundir import write_text
-from lora_kit.stages.ppo import core as pc
+from lora_kit.stages.ppo import core as ppo_core
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
 from lora_kit.stages.ppo.roles import Roles
 from lora_kit.templates import encode, prompt_ids
@@ -122,23 +122,23 @@ def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]],
 # ---------------------------------------------------------------------------------------------------- one PPO step
 def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, queries, kl_ctl, moments, ptx_batch=None):
     """Roll out, score, compute advantages, update actor and critic; returns the logged statistics (over all ranks)."""
-    world = pc.world()[1]
+    world = ppo_core.world()[1]
     b = sample(roles, cfg, tokenizer, queries)
     texts = response_texts(b, tokenizer)
     raw = score(roles, cfg, tokenizer, template, reward_fn, prompts, texts).float()
     args = (b["ids"], b["mask"], b["positions"], b["start"])
     m = b["rmask"]
     with torch.no_grad():
-        old_logp = pc.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
-        ref_logp = pc.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
+        old_logp = ppo_core.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
+        ref_logp = ppo_core.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
         old_values = roles.values(*args)
     scores = raw
     if cfg.normalize_reward:
         moments.update(raw)
         scores = moments.normalise(raw).clamp(-cfg.reward_clip, cfg.reward_clip)
-    rewards, kl = pc.token_rewards(scores, old_logp, ref_logp, m, kl_ctl.value)
-    adv, returns = pc.gae(rewards, old_values, m, cfg.gamma, cfg.lam)
-    adv = pc.masked_whiten(adv, m)
+    rewards, kl = ppo_core.token_rewards(scores, old_logp, ref_logp, m, kl_ctl.value)
+    adv, returns = ppo_core.gae(rewards, old_values, m, cfg.gamma, cfg.lam)
+    adv = ppo_core.masked_whiten(adv, m)
 
     keys = ("pg_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ptx_loss")
     stats = {k: [] for k in keys}
@@ -148,13 +148,14 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
         order = torch.randperm(n)
         for i in range(0, n, cfg.mini_batch_size):
             idx = order[i:i + cfg.mini_batch_size]
-            count = pc.all_sum(m[idx].sum())  # the mini-batch's response tokens on all ranks: the loss denominator
+            # the mini-batch's response tokens on all ranks: the loss denominator
+            count = ppo_core.all_sum(m[idx].sum())
             mb = (b["ids"][idx], b["mask"][idx], b["positions"][idx], b["start"])
             logits = roles.policy_logits(*mb) / cfg.temperature
-            logp = pc.logprobs_from_logits(logits, b["resp"][idx])
-            pg, clipfrac, approx_kl = pc.policy_loss(logp, old_logp[idx], adv[idx], m[idx], cfg.clip_range, count)
-            vl, vf_clip = pc.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip,
-                                        count)
+            logp = ppo_core.logprobs_from_logits(logits, b["resp"][idx])
+            pg, clipfrac, approx_kl = ppo_core.policy_loss(logp, old_logp[idx], adv[idx], m[idx], cfg.clip_range, count)
+            vl, vf_clip = ppo_core.value_loss(roles.values(*mb), old_values[idx], returns[idx], m[idx], cfg.value_clip,
+                                              count)
             loss = pg + cfg.vf_coef * vl
             # a per-rank mean: the all-reduce sums the ranks' shares to the mean
             ptx = roles.lm_loss(ptx_batch) / world if use_ptx else torch.zeros((), device=roles.device)
@@ -166,18 +167,18 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
             sched.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                ent = pc.masked_mean(pc.entropy_from_logits(logits), m[idx], count=count)
-                vals = pc.all_sum(torch.stack([v.detach().float() for v in (pg, vl, clipfrac, vf_clip, approx_kl, ent,
-                                                                             ptx)]))
+                ent = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits), m[idx], count=count)
+                vals = ppo_core.all_sum(torch.stack([v.detach().float()
+                                                     for v in (pg, vl, clipfrac, vf_clip, approx_kl, ent, ptx)]))
             for k, v in zip(keys, vals.tolist()):
                 stats[k].append(v)
     if not use_ptx:
         del stats["ptx_loss"]
-    kl_seq = pc.global_mean(kl.sum(-1))
+    kl_seq = ppo_core.global_mean(kl.sum(-1))
     kl_ctl.update(kl_seq, n * world)
     row = {k: round(sum(v) / len(v), 6) for k, v in stats.items() if v}
-    row.update(reward=round(pc.global_mean(raw), 6), kl=round(kl_seq, 6), kl_coef=round(kl_ctl.value, 6),
-               response_len=round(pc.global_mean(m.sum(-1)), 3), lr=sched.get_last_lr()[0])
+    row.update(reward=round(ppo_core.global_mean(raw), 6), kl=round(kl_seq, 6), kl_coef=round(kl_ctl.value, 6),
+               response_len=round(ppo_core.global_mean(m.sum(-1)), 3), lr=sched.get_last_lr()[0])
     return row, texts
 
 
@@ -185,7 +186,7 @@ def ppo_step(roles, opt, sched, cfg, tokenizer, template, reward_fn, prompts, qu
 def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
     """Mean score and KL on held-out prompts with a fixed sampling seed, leaving the training RNG untouched. Each rank
     scores a contiguous share of the prompts; every rank returns the results of all."""
-    rank, world = pc.world()
+    rank, world = ppo_core.world()
     share = -(-len(prompts) // world)
     prompts = prompts[rank * share:(rank + 1) * share]
     cuda = [roles.device.index or 0] if roles.device.type == "cuda" else []  # sampling draws from the GPU's RNG there
@@ -198,13 +199,13 @@ def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
             texts = response_texts(b, tokenizer)
             s = score(roles, cfg, tokenizer, template, reward_fn, ps, texts)
             args = (b["ids"], b["mask"], b["positions"], b["start"])
-            lp = pc.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
-            ref = pc.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
+            lp = ppo_core.logprobs_from_logits(roles.policy_logits(*args) / cfg.temperature, b["resp"])
+            ref = ppo_core.logprobs_from_logits(roles.ref_logits(*args) / cfg.temperature, b["resp"])
             kl += ((lp - ref) * b["rmask"]).sum(-1).tolist()
             total += s.tolist()
             rows += [{"prompt": p[-1]["content"], "response": t, "score": round(float(v), 4)}
                      for p, t, v in zip(ps, texts, s)]
-    per_rank = pc.all_gather((total, kl, rows))
+    per_rank = ppo_core.all_gather((total, kl, rows))
     total, kl, rows = ([x for part in parts for x in part] for parts in zip(*per_rank))
     return sum(total) / len(total), sum(kl) / len(kl), rows
 
