@@ -68,12 +68,11 @@ class Roles:
                 self.value_head.weight.copy_(self.score_head.weight)
                 self.value_head.bias.copy_(self.score_head.bias if self.score_head.bias is not None else 0)
         else:
-            from peft import LoraConfig as LC
-
             targets = lora.target_modules
-            self.model.add_adapter("value", LC(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                               target_modules="all-linear" if targets == "all-linear" else
-                                               [t.strip() for t in targets.split(",") if t.strip()]))
+            self.model.add_adapter("value", LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                       task_type="CAUSAL_LM",
+                                                       target_modules="all-linear" if targets == "all-linear" else
+                                                       [t.strip() for t in targets.split(",") if t.strip()]))
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch
