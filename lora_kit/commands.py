@@ -38,6 +38,8 @@ COMMANDS = [
     Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
     Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),
     Command("chat", "lora_kit.serve.chat", "talk to a model (+adapter) with its training template, streaming"),
+    Command("serve", "lora_kit.serve.api", "OpenAI-compatible API over a base and its adapters (hot-swapped)"),
+    Command("ui", "lora_kit.serve.ui", "web page: runs, live curves, start/stop/resume, chat, eval reports"),
     Command("eval", "lora_kit.evaluate.command",
             "CMMLU/C-Eval/MMLU, held-out tasks, bits/char; --suite zh side by side"),
     Command("data", "lora_kit.data.check", "build the bundled Chinese tasks; check a dataset file"),

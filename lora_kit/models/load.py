@@ -187,20 +187,26 @@ def adapter_base(adapter: str) -> str:
     return base
 
 
+def adapter_tokenizer_template(adapter: Optional[str], base: str) -> tuple[str, str]:
+    """(where to load the tokenizer from, template name) for generating with `adapter` over `base`: the adapter's own
+    tokenizer (an extended vocabulary travels with it) and its recipe's template win."""
+    if not adapter:
+        return base, "auto"
+    ap = Path(adapter)
+    tok_source = str(ap) if (ap / "tokenizer_config.json").is_file() else base
+    template = "auto"
+    if (ap / "recipe.yaml").is_file():
+        template = (yaml.safe_load((ap / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("template", "auto")
+    return tok_source, template
+
+
 def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, dtype: str = "auto",
                        quantization: str = "none", trust_remote_code: bool = False):
     """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
     if not model and not adapter:
         raise LorakitError("give --model and/or --adapter")
     base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
-    template = "auto"
-    tok_source = base
-    if adapter:
-        ap = Path(adapter)
-        if (ap / "tokenizer_config.json").is_file():
-            tok_source = str(ap)  # an extended vocabulary travels with the adapter
-        if (ap / "recipe.yaml").is_file():
-            template = (yaml.safe_load((ap / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("template", "auto")
+    tok_source, template = adapter_tokenizer_template(adapter, base)
     tokenizer = load_tokenizer(tok_source, trust_remote_code)
     net = load_model(base, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter and tok_source != base and len(tokenizer) > net.get_input_embeddings().weight.shape[0]:
