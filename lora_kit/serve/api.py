@@ -38,11 +38,13 @@ def error_body(status: int, message: str, param: Optional[str] = None, code: Opt
 
 
 class Part(BaseModel):
+    """One text part of a message's content list."""
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    """One chat message; content is text or a list of text parts."""
     role: Literal["system", "user", "assistant"]
     content: Union[str, list[Part]]
 
@@ -51,6 +53,7 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """`stream_options`: include_usage adds a last chunk with the token counts."""
     include_usage: bool = False
 
 
@@ -69,11 +72,13 @@ class Common(BaseModel):
 
 
 class ChatRequest(Common):
+    """POST /v1/chat/completions."""
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
 
 
 class CompletionRequest(Common):
+    """POST /v1/completions."""
     prompt: Union[str, list[str]]
 
 

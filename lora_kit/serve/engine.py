@@ -17,8 +17,15 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import (adapter_base, adapter_tokenizer_template, check_adapter_fits, check_vocab, load_model,
-                                  load_tokenizer, resolve_model)
+from lora_kit.models.load import (
+    adapter_base,
+    adapter_tokenizer_template,
+    check_adapter_fits,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from lora_kit.rundir import read_run
 from lora_kit.templates import Template, prompt_ids, resolve
 

@@ -15,19 +15,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
+# httpx, uvicorn and fastapi are the optional `lorakit[serve]` extra: only `lorakit serve` and `lorakit ui` import them
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
 from lora_kit.commands import stage_module
 from lora_kit.errors import LorakitError
 from lora_kit.recipe import _flatten, describe, find_recipe, list_recipes, load_config, recipe_header, to_dict
 from lora_kit.rundir import write_json
 from lora_kit.serve.api import LOOPBACK, error_body
 from lora_kit.serve.runs import UI_DIR, inside, list_runs, metrics, reports
-
-# fastapi, uvicorn, httpx: the optional `lorakit[serve]` extra (importing lora_kit.serve.api names it when missing)
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import FileResponse, StreamingResponse  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
 
 PAGE = Path(__file__).parent / "static" / "ui.html"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
