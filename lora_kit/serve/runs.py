@@ -150,7 +150,7 @@ def reports(root: Path) -> list[dict]:
         for metric, by_column in (obj.get("metrics") or {}).items() if isinstance(obj.get("metrics"), dict) else []:
             if isinstance(by_column, dict):
                 figures.update({f"{metric} [{c}]": v for c, v in by_column.items() if isinstance(v, (int, float))})
-        if figures and ("accuracy" in obj or "bits_per_char" in obj or "metrics" in obj):
+        if figures and any(k in obj for k in ("task", "bits_per_char", "metrics")):
             label = obj.get("task") or ("bits/char " + str(obj.get("text", ""))[-30:] if "bits_per_char" in obj else "")
             out.append({"name": str(rel), "label": label, "figures": figures})
     for path in sorted(root.glob("**/report.md")):
