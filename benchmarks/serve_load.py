@@ -113,10 +113,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--prompts", default=str(PROMPTS), help="alpaca JSON whose last 64 instructions are the prompts")
     args = ap.parse_args()
     adapter = Path(args.adapter) if args.adapter else random_adapter(args.model, Path(args.workdir) / "adapter")
     prompts = [r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
-               for r in json.loads(PROMPTS.read_text(encoding="utf-8"))[-64:]]
+               for r in json.loads(Path(args.prompts).read_text(encoding="utf-8"))[-64:]]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

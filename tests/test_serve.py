@@ -176,4 +176,5 @@ def test_sigterm_ends_streams_and_exits(tiny_model_dir):
             with contextlib.suppress(httpx.HTTPError):  # it finishes within the grace period or is cut off after it
                 for _ in lines:
                     pass
-        assert proc.wait(timeout=30) == 0  # and the server exits cleanly, nothing hangs
+        # and the server exits, nothing hangs (uvicorn re-raises the SIGTERM once its graceful shutdown is done)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
