@@ -81,7 +81,7 @@ def main(args) -> int:
             if args.format == "gguf":
                 from lora_kit.export.gguf import export_gguf
 
-                gguf_file = export_gguf(work, tmp, args.gguf_type)
+                gguf_file = export_gguf(work, tmp, args.gguf_type, name=out.name)
                 info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type)
         finally:
             if work != tmp:
