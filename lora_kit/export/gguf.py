@@ -58,6 +58,7 @@ def rope_parameters(cfg: dict) -> dict:
 
 
 def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Plain RoPE's inverse frequencies (what both transformers and llama.cpp start from)."""
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
