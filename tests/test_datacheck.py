@@ -1,6 +1,7 @@
 """`lorakit data check` on preference pairs, PPO prompts and pretraining text: every problem listed as `file:line: field
 ...`, the format given or detected, and training stopping on the same first problem before it loads a model."""
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +42,7 @@ def test_preference_pairs_every_problem_with_line_and_field(tmp_path, capsys):
     code, out = run_check(capsys, f)
     p = str(f)
     assert code == 1
-    assert out[:-1] == [
+    assert out[:-2] == [
         f"{p}:2: field 'rejected' is identical to 'chosen'",
         f"{p}:3: field 'instruction' and 'input' are both empty",
         f"{p}:3: field 'chosen' is missing (or give 'responses', a list ranked best first)",
@@ -82,7 +83,7 @@ def test_format_option_overrides_detection(tmp_path, capsys):
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
         {"role": "assistant", "content": "c"}]}])
     code, out = run_check(capsys, prompts, "--format", "prompts")
-    assert out[:-1] == [f"{prompts}:2: field 'prompt' is empty",
+    assert out[:-2] == [f"{prompts}:2: field 'prompt' is empty",
                         f"{prompts}:3: field 'messages': the prompt must end with a user turn"]
 
 
@@ -91,10 +92,10 @@ def test_text_file_and_jsonl_text(tmp_path, capsys):
     txt.write_bytes("一篇文章\n\nbad \xff byte\n一篇文章\n另一篇\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
     code, out = run_check(capsys, txt)
     assert code == 1 and out == [f"{txt}:3: invalid UTF-8 at character 4", f"{txt}:4: duplicate of line 1",
-                                 f"{txt}: 3 documents, 2 problems"]
+                                 f"{txt}: read as text (the format pretrain reads)", f"{txt}: 3 documents, 2 problems"]
     jl = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": ""}, {"text": 5}, {"txt": "x"}, {"text": "a"}])
     code, out = run_check(capsys, jl, "--format", "text")
-    assert out[:-1] == [f"{jl}:2: field 'text' is empty", f"{jl}:3: field 'text' must be a string, got int",
+    assert out[:-2] == [f"{jl}:2: field 'text' is empty", f"{jl}:3: field 'text' must be a string, got int",
                         f"{jl}:4: field 'text' is missing", f"{jl}:5: duplicate of record 1"]
     # a directory, as `pretrain data=DIR` reads it: every .txt/.jsonl file, duplicates across files named
     d = tmp_path / "corpus"
@@ -103,10 +104,12 @@ def test_text_file_and_jsonl_text(tmp_path, capsys):
     write_jsonl(d / "b.jsonl", [{"text": "乙"}, {"text": ""}])
     code, out = run_check(capsys, d)
     assert code == 1 and out == [f"{d / 'b.jsonl'}:1: duplicate of line 2 of {d / 'a.txt'}",
-                                 f"{d / 'b.jsonl'}:2: field 'text' is empty", f"{d}: 3 documents, 2 problems"]
+                                 f"{d / 'b.jsonl'}:2: field 'text' is empty",
+                                 f"{d}: read as text (the format pretrain reads)", f"{d}: 3 documents, 2 problems"]
     empty = tmp_path / "e.txt"
     empty.write_text("\n \n", encoding="utf-8")
     assert run_check(capsys, empty) == (1, [f"{empty}: no text (every line is empty)",
+                                            f"{empty}: read as text (the format pretrain reads)",
                                             f"{empty}: 0 documents, 1 problems"])
 
 
@@ -114,7 +117,7 @@ def test_over_cutoff_counted_with_the_training_template(tiny_model_dir, tmp_path
     f = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "短", "chosen": "好", "rejected": "差"},
                                            {"instruction": "长" * 60, "chosen": "好", "rejected": "差" * 80}])
     code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64")
-    assert code == 1 and len(out) == 2
+    assert code == 1 and len(out) == 3  # the problem, the format read, the summary
     assert out[0].startswith(f"{f}:2: ") and out[0].endswith("tokens, over cutoff_len 64 (will be truncated)")
 
 
@@ -156,3 +159,73 @@ def test_random_records_never_traceback(tmp_path, recs, fmt):
     n, problems = check(str(f), fmt)
     assert n == len(recs)
     assert all(p.startswith(f"{f}:") and "\n" not in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------------- issue 18
+def _write(path, text: str, bom: bool = False):
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+ALPACA = {"instruction": "你好", "output": "你好！"}
+# name -> (writer, the message `sft` and `data check --for sft` give, or None when both accept it)
+SFT_INPUTS = {
+    "jsonl": (lambda d: _write(d / "a.jsonl", json.dumps(ALPACA, ensure_ascii=False) + "\n"), None),
+    "jsonl with BOM": (lambda d: _write(d / "a.jsonl", json.dumps(ALPACA, ensure_ascii=False) + "\n", bom=True), None),
+    "json with BOM": (lambda d: _write(d / "a.json", json.dumps([ALPACA], ensure_ascii=False), bom=True), None),
+    "csv with BOM": (lambda d: _write(d / "a.csv", "instruction,output\n你好,你好！\n", bom=True), None),
+    "csv prompt/completion": (lambda d: _write(d / "a.csv", "prompt,completion\n你好,你好！\n"),
+                              ":2: unrecognised record"),
+    "parquet prompt/completion": (lambda d: _parquet(d / "a.parquet", [{"prompt": "你好", "completion": "好"}]),
+                                  ": record 1: unrecognised record"),
+    "null output": (lambda d: _write(d / "a.jsonl", '{"instruction": "q", "output": null}\n'),
+                    ":1: field 'output' is null"),
+    "json array, bad third record": (lambda d: _write(d / "a.json", json.dumps([ALPACA, ALPACA, {"instruction": 1,
+                                                                                               "output": "x"}])),
+                                     ": record 3: field 'instruction' must be a string"),
+    "alpaca and conversations": (lambda d: _write(d / "a.jsonl", json.dumps({**ALPACA, "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n"),
+                                 ":1: ambiguous record: it has the fields of alpaca and sharegpt"),
+    "directory": (lambda d: (d / "dir.jsonl").mkdir() or d / "dir.jsonl", ": is a directory"),
+    "fifo": (lambda d: os.mkfifo(d / "f.jsonl") or d / "f.jsonl", ": not a regular file"),
+}
+
+
+@pytest.mark.parametrize("name", list(SFT_INPUTS))
+def test_data_check_for_sft_and_sft_agree(name, tiny_model_dir, tmp_path, capsys):
+    from lora_kit.errors import LorakitError
+    from lora_kit.models.load import load_tokenizer
+    from lora_kit.recipe import load_config
+    from lora_kit.stages import sft
+    from lora_kit.templates import resolve
+
+    make, message = SFT_INPUTS[name]
+    path = make(tmp_path)
+    code, out = run_check(capsys, "--for", "sft", path)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = load_config(sft.Config, None, [f"data={path}", "cutoff_len=96", "overlong=truncate"])
+    try:
+        sft.prepare_data(cfg, tokenizer, resolve("auto", tokenizer))
+        trained = None
+    except LorakitError as e:
+        trained = str(e)
+    if message is None:
+        assert code == 0 and trained is None, (out, trained)
+        assert any("read as alpaca (the format sft reads)" in l for l in out), out
+    else:
+        assert code == 1 and trained is not None and f"{path}{message}" in trained, trained
+        assert any(f"{path}{message}" in l for l in out), out
+
+
+def test_data_check_names_the_detected_format(tmp_path, capsys):
+    csv = _write(tmp_path / "p.csv", "prompt,completion\n你好,你好！\n")
+    code, out = run_check(capsys, csv)
+    assert code == 0 and f"{csv}: read as prompts (the format ppo reads)" in out  # not silently fine for sft

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 from lora_kit.data.pairs import judged_problems, pair_problems, prompt_messages
 from lora_kit.data.records import detect_format, read_records
@@ -15,6 +16,9 @@ from lora_kit.templates import encode, prompt_ids
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "unpaired", "prompts", "text")
 SFT_KEYS = ("instruction", "output", "conversations", "messages")
+# what each stage reads
+STAGE_KINDS = {"sft": "sft", "pretrain": "text", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}
+KIND_STAGES = {"sft": "sft", "text": "pretrain", "pairs": "rm, dpo", "unpaired": "dpo loss=kto", "prompts": "ppo, grpo"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alpaca | sharegpt | messages (sft), pairs (rm, dpo: chosen/rejected or ranked responses), "
                         "unpaired (dpo loss=kto: completion + label), prompts (ppo, grpo), text (pretrain: .txt lines "
                         "or jsonl 'text'); auto detects it from the file")
+    c.add_argument("--for", dest="stage", choices=sorted(STAGE_KINDS),
+                   help="apply exactly the rules of this training stage (default: guess the kind from the file)")
     c.add_argument("--model", help="tokenizer to count tokens against --cutoff-len")
     c.add_argument("--cutoff-len", type=int, default=512)
     c.add_argument("--max-problems", type=int, default=50, help="stop listing after this many")
@@ -50,19 +56,27 @@ def detect_kind(path: Path, records) -> str:
     return "sft"
 
 
-def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -> tuple[int, list[str]]:
+def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512, stage: Optional[str] = None,
+          found: Optional[dict] = None) -> tuple[int, list[str]]:
     """(number of records, problems). Each problem is one line naming file, record and field. The checks are the
-    functions training uses (data.py, pairs.py), except that every record is checked and every problem kept."""
+    functions training uses (data.py, pairs.py), except that every record is checked and every problem kept. With
+    `stage`, exactly that stage's rules apply; `found` receives the format detected ("format") and its stage."""
     p = Path(path)
     problems: list[str] = []
-    if fmt in ("auto", "text") and (p.is_dir() or p.suffix == ".txt"):
+    found = {} if found is None else found
+    wanted = STAGE_KINDS.get(stage or "")
+    if wanted in (None, "text") and fmt in ("auto", "text") and (p.is_dir() or p.suffix == ".txt"):
+        found.update(format="text", stage="pretrain")
         return _check_text_files(p, problems), problems
     try:
         records = read_records(path, problems)
     except LorakitError as e:
         return 0, [str(e)]
     kinds = ("pairs", "unpaired", "prompts", "text")
-    kind = detect_kind(p, records) if fmt == "auto" else fmt if fmt in kinds else "sft"
+    if wanted:  # dpo reads pairs, or unpaired records with loss=kto
+        kind = "unpaired" if stage == "dpo" and detect_kind(p, records) == "unpaired" else wanted
+    else:
+        kind = detect_kind(p, records) if fmt == "auto" else fmt if fmt in kinds else "sft"
     sequences = {"sft": _sft, "pairs": _pairs, "unpaired": _unpaired, "prompts": _prompts, "text": _text_record}[kind]
     template = None
     if tokenizer is not None:
@@ -87,6 +101,8 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512) -
             n = max(len(_ids(tokenizer, template, s)) for s in seqs)
             if n > cutoff_len:
                 problems.append(f"{rec.loc()}: {n} tokens, over cutoff_len {cutoff_len} (will be truncated)")
+    found.update(format=state.get("sft").name if kind == "sft" and state.get("sft") else kind,
+                 stage=stage or KIND_STAGES[kind])
     return len(records), sorted(problems, key=_line)  # lines unreadable as JSON were listed first
 
 
@@ -224,11 +240,14 @@ def main(args) -> int:
         from lora_kit.models.load import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(args.model))
-    n, problems = check(args.file, args.format, tokenizer, args.cutoff_len)
+    found: dict = {}
+    n, problems = check(args.file, args.format, tokenizer, args.cutoff_len, args.stage, found)
     for line in problems[: args.max_problems]:
         print(line)
     if len(problems) > args.max_problems:
         print(f"... and {len(problems) - args.max_problems} more")
+    if found:
+        print(f"{args.file}: read as {found['format']} (the format {found['stage']} reads)")
     print(f"{args.file}: {n} {'documents' if _is_text(args) else 'records'}, {len(problems)} problems")
     return 1 if problems else 0
 

@@ -29,11 +29,12 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class Record:
     """One raw record and where it came from (file and 1-based index), for error messages."""
     source: str  # file name (or hub id)
-    index: int  # 1-based line (jsonl) or record number (json/parquet/csv)
+    index: int  # 1-based line (jsonl, csv) or record number (json array, parquet)
     data: dict
+    unit: str = "line"  # what `index` counts: "line" or "record"
 
     def loc(self, field: Optional[str] = None) -> str:
-        return where(self.source, self.index, field)
+        return where(self.source, self.index if self.unit == "line" else f" record {self.index}", field)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -58,7 +59,7 @@ def _read_jsonl(path: Path, problems: Optional[list] = None) -> Iterator[Record]
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows tools) is fine
                 if not line.strip():
                     continue
                 try:
@@ -79,7 +80,7 @@ def _read_jsonl(path: Path, problems: Optional[list] = None) -> Iterator[Record]
 
 def _read_json(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise LorakitError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     try:
@@ -97,18 +98,18 @@ def _read_json(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
     if not isinstance(obj, list):
         raise LorakitError(f"{path}: expected a list of records")
     for n, rec in enumerate(obj, 1):
-        yield Record(str(path), n, rec)
+        yield Record(str(path), n, rec, "record")
 
 
 def _read_table(path: Path, problems: Optional[list] = None) -> Iterator[Record]:
     if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             for n, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
                 yield Record(str(path), n, dict(row))
         return
 
     for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
-        yield Record(str(path), n, row)
+        yield Record(str(path), n, row, "record")
 
 
 def read_records(spec: str, problems: Optional[list] = None) -> list[Record]:
@@ -124,7 +125,12 @@ def read_records(spec: str, problems: Optional[list] = None) -> list[Record]:
         if path.suffix not in readers:
             raise LorakitError(f"{path}: unsupported file type (json, jsonl, parquet, csv)")
         records = list(readers[path.suffix](path, problems))
-    elif path.is_dir() or spec.startswith((".", "/", "~")) or spec.endswith((".json", ".jsonl", ".csv", ".parquet")):
+    elif path.is_dir():
+        raise LorakitError(f"{spec}: is a directory; give a data file (json, jsonl, parquet, csv)")
+    elif path.exists():
+        raise LorakitError(f"{spec}: not a regular file (a FIFO or device?); give a data file (json, jsonl, parquet, "
+                           "csv)")
+    elif spec.startswith((".", "/", "~")) or spec.endswith((".json", ".jsonl", ".csv", ".parquet")):
         raise LorakitError(f"{spec}: data file not found")
     else:
         records = _read_hub(spec)
@@ -167,7 +173,7 @@ def _text(rec: Record, key: str, required: bool = True, allow_empty: bool = Fals
     value = rec.data.get(key)
     if value is None:
         if required:
-            raise LorakitError(f"{rec.loc(key)} is missing")
+            raise LorakitError(f"{rec.loc(key)} is {'null' if key in rec.data else 'missing'}")
         return ""
     if not isinstance(value, str):
         raise LorakitError(f"{rec.loc(key)} must be a string, got {type(value).__name__}")
@@ -245,6 +251,16 @@ register_format(Format("messages", lambda d: "messages" in d,
                        lambda r: check_conversation(r, _turns(r, "messages", "role", "content"), "messages")))
 
 
+def unambiguous(rec: Record) -> list[Format]:
+    """The formats whose fields a record has, refusing a record that has the fields of two (which one was meant?)."""
+    matches = [fmt for fmt in FORMATS.values() if isinstance(rec.data, dict) and fmt.detect(rec.data)]
+    if len(matches) > 1:
+        names = " and ".join(f.name for f in matches)
+        raise LorakitError(f"{rec.loc()}: ambiguous record: it has the fields of {names}; keep one format's fields, "
+                           "or set data_format")
+    return matches
+
+
 def detect_format(rec: Record, wanted: str = "auto") -> Format:
     """The format `wanted` names, or with `auto` the first registered format that recognises `rec`."""
     if not isinstance(rec.data, dict):
@@ -253,9 +269,9 @@ def detect_format(rec: Record, wanted: str = "auto") -> Format:
         if wanted not in FORMATS:
             raise LorakitError(f"unknown data_format '{wanted}' (known: auto, {', '.join(FORMATS)})")
         return FORMATS[wanted]
-    for fmt in FORMATS.values():
-        if fmt.detect(rec.data):
-            return fmt
+    matches = unambiguous(rec)
+    if matches:
+        return matches[0]
     raise LorakitError(f"{rec.loc()}: unrecognised record (fields {sorted(rec.data)[:6]}); expected alpaca "
                        f"(instruction/output), sharegpt (conversations) or messages")
 
@@ -267,6 +283,8 @@ def conversations(records: list[Record], data_format: str = "auto", skip_bad: bo
     for rec in records:
         try:
             fmt = fmt or detect_format(rec, data_format)
+            if data_format == "auto":
+                unambiguous(rec)
             if not isinstance(rec.data, dict):
                 raise LorakitError(f"{rec.loc()}: a record must be a JSON object")
             out.append((rec, fmt.to_messages(rec)))
