@@ -227,5 +227,8 @@ def test_data_check_for_sft_and_sft_agree(name, tiny_model_dir, tmp_path, capsys
 
 def test_data_check_names_the_detected_format(tmp_path, capsys):
     csv = _write(tmp_path / "p.csv", "prompt,completion\n你好,你好！\n")
-    code, out = run_check(capsys, csv)
-    assert code == 0 and f"{csv}: read as prompts (the format ppo reads)" in out  # not silently fine for sft
+    code, out = run_check(capsys, csv)  # a completion column reads as KTO's unpaired kind, which needs a label
+    assert code == 1 and f"{csv}: read as unpaired (the format dpo loss=kto reads)" in out
+    assert any("field 'label' is missing" in line for line in out)
+    code, out = run_check(capsys, csv, "--for", "ppo")
+    assert code == 0 and f"{csv}: read as prompts (the format ppo reads)" in out
