@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the embedded default: the zh_pipeline recipe (extend-vocab, pretrain, SFT, merge, eval after every
 # stage) in one cached command that prints the report table; run it again and every stage is skipped in seconds.
+# eval.after_each=false: the demo evaluates the base and the final model only (each column takes ~5-10 min here);
+# drop it to get a column after every stage.
 demo: setup
-	$(LORAKIT) pipeline --recipe zh_pipeline output_dir=$(DEMO)
+	$(LORAKIT) pipeline --recipe zh_pipeline output_dir=$(DEMO) eval.after_each=false
 	$(LORAKIT) chat --model $(DEMO)/4-merge --max-new-tokens 24 \
 	  --prompt "$$(printf '判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。\n房间很干净，服务员也很热情，下次还会再来。')"
 
