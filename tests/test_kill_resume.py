@@ -171,12 +171,16 @@ def same_metrics(full: Path, part: Path) -> bool:
 
 # Besides a random point per stage, the moments that broke resume once: phase 2 before its first checkpoint (its LoRA
 # init depended on phase 1 having run in the same process), after the last checkpoint (pretrain skipped loading it; the
-# trainer's summary row was logged twice), PPO before its first checkpoint (the step-0 evaluation was logged twice).
+# trainer's summary row was logged twice; sft and grpo, resumed mid-epoch, stepped past max_steps), PPO before its
+# first checkpoint (the step-0 evaluation was logged twice).
 EDGES = {
     "pretrain-phase2-step1": ("pretrain", lambda out: logged_steps(out / "phase2/metrics.jsonl", "loss") >= 1),
     "pretrain-after-last-checkpoint": (
         "pretrain", lambda out: (out / "phase2/checkpoints/checkpoint-4/trainer_state.json").exists()),
     "rm-after-last-checkpoint": ("rm", lambda out: (out / "checkpoints/checkpoint-8/trainer_state.json").exists()),
+    # mid-epoch at the last checkpoint: the Trainer, resumed there, took a ninth (seventh) step (CI, 2026-12-02)
+    "sft-after-last-checkpoint": ("sft", lambda out: (out / "checkpoints/checkpoint-8/trainer_state.json").exists()),
+    "grpo-after-last-checkpoint": ("grpo", lambda out: (out / "checkpoints/checkpoint-6/trainer_state.json").exists()),
     "ppo-before-first-checkpoint": ("ppo", lambda out: logged_steps(out / "metrics.jsonl", "reward") >= 1),
 }
 

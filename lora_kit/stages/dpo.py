@@ -20,7 +20,15 @@ from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import freeze_base
 from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
-from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
+from lora_kit.training.run import (
+    final_eval,
+    install_callbacks,
+    is_main_process,
+    open_run,
+    run_trainer,
+    save_run,
+    training_arguments,
+)
 
 LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the mean log-probability, not a ratio to the reference
@@ -153,7 +161,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
                             eval_dataset=datasets.Dataset.from_list(held) if pairwise else None,
                             processing_class=tokenizer, peft_config=peft_config)
     install_callbacks(trainer, out, desc=cfg.loss)
-    trainer.train(resume_from_checkpoint=ckpt)
+    run_trainer(trainer, ckpt)
     info = {"loss": cfg.loss, "training_rows": len(train), "held_out_pairs": len(held)}
     if pairwise:
         metrics = final_eval(trainer, "eval_rewards/margins")

@@ -26,7 +26,14 @@ from lora_kit.models.lora import attach_lora, continue_lora, count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
 from lora_kit.training.rewards import RewardModel, load_reward_fn, parse_weights, reward_callables
-from lora_kit.training.run import install_callbacks, is_main_process, open_run, save_run, training_arguments
+from lora_kit.training.run import (
+    install_callbacks,
+    is_main_process,
+    open_run,
+    run_trainer,
+    save_run,
+    training_arguments,
+)
 
 
 @dataclass
@@ -183,7 +190,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         trainer.add_callback(held_eval)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-    trainer.train(resume_from_checkpoint=ckpt)
+    run_trainer(trainer, ckpt)
     policy = trainer.model
     if "ref" in getattr(policy, "peft_config", {}):
         policy.delete_adapter("ref")  # the frozen reference copy; the output holds the trained adapter only

@@ -47,6 +47,7 @@ from lora_kit.training.run import (
     newest_checkpoint,
     plot_metrics,
     prepare_output,
+    run_trainer,
     save_run,
     training_arguments,
 )
@@ -233,19 +234,13 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
         _print_eval(f"phase {n}: before", before)
 
     start_step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0
-    steps, t0 = 0, time.time()
-    if settings.max_steps > start_step:
-        args = training_arguments(settings, d, compute_dtype(cfg.dtype))
-        trainer = PositionLossTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
-                          processing_class=tokenizer)
-        install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
-        trainer.train(resume_from_checkpoint=ckpt)
-        steps = trainer.state.global_step - start_step
-    elif ckpt:  # killed after the phase's last checkpoint: its weights are the result (the trainer would step on)
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(Path(ckpt) / ADAPTER_FILES[1])))
+    t0 = time.time()
+    args = training_arguments(settings, d, compute_dtype(cfg.dtype))
+    trainer = PositionLossTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
+                                  processing_class=tokenizer)
+    install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
+    run_trainer(trainer, ckpt)  # killed after the phase's last checkpoint: its weights are loaded, no step is taken
+    steps = trainer.state.global_step - start_step
     seconds = time.time() - t0
     trained = steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
     speed = {"train_tokens": trained, "train_seconds": round(seconds, 1),

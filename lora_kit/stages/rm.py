@@ -18,7 +18,15 @@ from lora_kit.models.load import check_vocab, compute_dtype, load_model
 from lora_kit.models.lora import attach_lora, count_parameters
 from lora_kit.recipe import FRACTION, GE0, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import encode
-from lora_kit.training.run import final_eval, install_callbacks, is_main_process, open_run, save_run, training_arguments
+from lora_kit.training.run import (
+    final_eval,
+    install_callbacks,
+    is_main_process,
+    open_run,
+    run_trainer,
+    save_run,
+    training_arguments,
+)
 
 
 @dataclass
@@ -91,7 +99,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
                             eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tokenizer)
     install_callbacks(trainer, out, desc="rm")
-    trainer.train(resume_from_checkpoint=ckpt)
+    run_trainer(trainer, ckpt)
     info = {"pairs": len(train), "held_out_pairs": len(held)}
     if held:
         accuracy = final_eval(trainer, "eval_accuracy")["eval_accuracy"]

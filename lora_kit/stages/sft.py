@@ -24,7 +24,7 @@ from lora_kit.models.lora import attach_lora, count_parameters
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.rundir import read_run
 from lora_kit.training.loss import PositionLossTrainer
-from lora_kit.training.run import install_callbacks, open_run, save_run, training_arguments
+from lora_kit.training.run import install_callbacks, open_run, run_trainer, save_run, training_arguments
 
 
 @dataclass
@@ -109,6 +109,6 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     job = setup(cfg, dry_run)
     if job is None:
         return Path(cfg.output_dir)
-    job.trainer.train(resume_from_checkpoint=job.checkpoint)
+    run_trainer(job.trainer, job.checkpoint)
     return save_run(job.out, job.model, job.tokenizer, cfg, "sft", job.base, trainer=job.trainer,
                     new_token_ids=job.new_ids, data_stats=vars(job.stats))

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback as HFProgress
 
 from lora_kit.errors import LorakitError
@@ -107,6 +107,21 @@ def newest_checkpoint(out: Path) -> Optional[str]:
         if str(step) == p.name[len("checkpoint-"):]:
             done.append((step, p))
     return str(max(done)[1]) if done else None
+
+
+def run_trainer(trainer, checkpoint: Optional[str]) -> None:
+    """trainer.train(resume_from_checkpoint=checkpoint), the one way every Trainer stage trains. A checkpoint at
+    max_steps (killed after the last checkpoint, before the final save) already holds the result: the Trainer would
+    resume mid-epoch and take one more step (it checks max_steps only after a step), so its weights and state are
+    loaded instead. Under DeepSpeed or FSDP, whose checkpoints only their engine reads, the Trainer resumes as usual."""
+    sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+    if checkpoint and not sharded:
+        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        if 0 < trainer.args.max_steps <= state.global_step:
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = state
+            return
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def trim_metrics(out: Path, checkpoint: Optional[str]) -> None:
