@@ -46,6 +46,16 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
 
     `trainable_token_indices`: a list (rows of embed_tokens) or {module name: rows}, see `token_row_targets`."""
     model = freeze_base(model, gradient_checkpointing)
+    config = lora_config(lora, task_type, trainable_token_indices=trainable_token_indices,
+                         modules_to_save=modules_to_save)
+    return _train_in_fp32(get_peft_model(model, config))
+
+
+def lora_config(lora, task_type: str = "CAUSAL_LM", *, dropout: Optional[float] = None,
+                trainable_token_indices: Optional[list[int] | dict[str, list[int]]] = None,
+                modules_to_save: Optional[list[str]] = None) -> LoraConfig:
+    """The peft LoraConfig of a recipe's `lora` section (the only place one is built from a recipe): target_modules is
+    `all-linear` or comma-separated names; `dropout` overrides the recipe's (PPO's roles run without dropout)."""
     targets = lora.target_modules
     targets = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     extra = {}
@@ -53,9 +63,8 @@ def attach_lora(model, lora, *, trainable_token_indices: Optional[list[int] | di
         extra["trainable_token_indices"] = {k: list(v) for k, v in trainable_token_indices.items()}
     elif trainable_token_indices:
         extra["trainable_token_indices"] = {"embed_tokens": list(trainable_token_indices)}
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        task_type=task_type, modules_to_save=modules_to_save, **extra)
-    return _train_in_fp32(get_peft_model(model, config))
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout if dropout is None else dropout,
+                      target_modules=targets, task_type=task_type, modules_to_save=modules_to_save, **extra)
 
 
 def continue_lora(model, adapter_dir: str, gradient_checkpointing: bool = False):

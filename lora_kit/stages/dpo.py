@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from lora_kit.data.pairs import is_unpaired, read_judged, read_pairs
 from lora_kit.data.records import read_records, split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.preference import pairwise_accuracy
-from lora_kit.models.load import check_vocab, compute_dtype, load_model
-from lora_kit.models.lora import freeze_base
+from lora_kit.models.builder import build
+from lora_kit.models.load import compute_dtype
+from lora_kit.models.lora import freeze_base, lora_config
 from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
 from lora_kit.training.run import (
@@ -134,18 +134,15 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     print(f"lorakit dpo: {cfg.data}: {described}", flush=True)
 
     dtype = compute_dtype(cfg.dtype)
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    check_vocab(model, tokenizer, base)
+    built = build(cfg, base, tokenizer, adapter="none")  # TRL attaches the LoRA (peft_config) to its own model
+    model = built.model
     if cfg.quantization != "none":
         model = freeze_base(model, cfg.gradient_checkpointing)
-    targets = cfg.lora.target_modules
-    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                             task_type="CAUSAL_LM", target_modules="all-linear" if targets == "all-linear" else
-                             [t.strip() for t in targets.split(",") if t.strip()])
+    peft_config = lora_config(cfg.lora)
     trainer_class, args_class, loss_args = trainer_setup(cfg, loss_type)
     keys = ", ".join(f"{k}={v}" for k, v in loss_args.items() if k not in ("truncation_mode", "label_smoothing"))
     print(f"lorakit dpo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), LoRA r={cfg.lora.r} on "
-          f"{targets}; loss {cfg.loss} ({keys}); {cfg.batch_size * cfg.grad_accum} "
+          f"{cfg.lora.target_modules}; loss {cfg.loss} ({keys}); {cfg.batch_size * cfg.grad_accum} "
           f"{'answers' if cfg.loss == 'kto' else 'pairs'} per step; reference = "
           f"{'none' if cfg.loss in REFERENCE_FREE else 'base with the adapter disabled'}", flush=True)
     if dry_run:
@@ -176,4 +173,5 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
             print(f"lorakit dpo: held-out pairwise accuracy {own:.3f} ({cfg.loss}'s implicit reward; log-ratio "
                   f"{acc['ratio_accuracy']:.3f}, mean log-prob {acc['mean_logp_accuracy']:.3f}) on {len(held)} pairs",
                   flush=True)
-    return save_run(out, trainer.model, tokenizer, cfg, "dpo", base, trainer=trainer, **info)
+    return save_run(out, trainer.model, tokenizer, cfg, "dpo", base, trainer=trainer,
+                    new_token_ids=built.new_token_ids, **info)

@@ -21,8 +21,9 @@ from lora_kit.data.pairs import read_prompts_with_answers
 from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.tasks import generate_answers
-from lora_kit.models.load import check_vocab, compute_dtype, load_model
-from lora_kit.models.lora import attach_lora, continue_lora, count_parameters
+from lora_kit.models.builder import build
+from lora_kit.models.load import compute_dtype
+from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
 from lora_kit.training.rewards import RewardModel, load_reward_fn, parse_weights, reward_callables
@@ -153,14 +154,10 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
     set_seed(cfg.seed)
     dtype = compute_dtype(cfg.dtype)
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    check_vocab(model, tokenizer, base)
-    if cfg.sft_adapter:
-        if not (Path(cfg.sft_adapter) / "adapter_config.json").is_file():
-            raise LorakitError(f"{cfg.sft_adapter}: sft_adapter must be an adapter directory (adapter_config.json)")
-        model = continue_lora(model, cfg.sft_adapter, cfg.gradient_checkpointing)
-    else:
-        model = attach_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.sft_adapter and not (Path(cfg.sft_adapter) / "adapter_config.json").is_file():
+        raise LorakitError(f"{cfg.sft_adapter}: sft_adapter must be an adapter directory (adapter_config.json)")
+    built = build(cfg, base, tokenizer, adapter=cfg.sft_adapter or "lora")
+    model = built.model
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     reward_model = RewardModel(cfg.reward_adapter, base, tokenizer, template, cfg) if cfg.reward_adapter else None
     rewards = reward_callables(weights, reward_fn, reward_model)
@@ -197,4 +194,5 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     info = {"prompts": len(train), "held_out_prompts": len(held)}
     if held_eval and held_eval.last:
         info.update({k.replace("eval_reward", "held_out_reward"): v for k, v in held_eval.last.items() if k != "step"})
-    return save_run(out, policy, tokenizer, cfg, "grpo", base, trainer=trainer, **info)
+    return save_run(out, policy, tokenizer, cfg, "grpo", base, trainer=trainer, new_token_ids=built.new_token_ids,
+                    **info)

@@ -24,8 +24,9 @@ from transformers import set_seed
 from lora_kit.data.text import BlockDataset, Corpus, collate_blocks
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.bpc import score_documents
-from lora_kit.models.load import check_vocab, compute_dtype, load_model, load_tokenizer, resolve_model
-from lora_kit.models.lora import attach_lora, attach_token_rows, count_parameters, freeze_base, token_row_targets
+from lora_kit.models.builder import load_base, new_rows, new_token_ids
+from lora_kit.models.load import compute_dtype, load_tokenizer, resolve_model
+from lora_kit.models.lora import attach_lora, attach_token_rows, count_parameters, freeze_base
 from lora_kit.recipe import (
     FRACTION,
     GE0,
@@ -147,10 +148,6 @@ def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: s
     """Embedding rows phase `n` trains: the base's new token ids, or every row with train_all_embeddings."""
     if getattr(cfg, f"phase{n}").train_all_embeddings:
         return list(range(vocab_rows))
-    bad = [i for i in new_ids if not 0 <= i < vocab_rows]
-    if bad:
-        raise LorakitError(f"{base}/run.json: field 'new_token_ids' has ids outside the embedding "
-                           f"(0..{vocab_rows - 1}), e.g. {bad[0]}")
     if n == 1 and not new_ids:
         raise LorakitError(f"{base}: no new_token_ids in run.json (a model written by `lorakit extend-vocab` lists "
                            "them); pass phase1.train_all_embeddings=true to train the whole embedding, or phases=[2]")
@@ -160,11 +157,9 @@ def phase_rows(cfg: Config, n: int, new_ids: list[int], vocab_rows: int, base: s
 # ---------------------------------------------------------------------------------------------------- models
 def build_model(cfg: Config, n: int, base: str, tokenizer, new_ids: list[int]):
     """The phase-n PEFT model: phase 1 = trainable token rows only; phase 2 = LoRA + token rows."""
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle)
-    check_vocab(model, tokenizer, base)
+    model = load_base(cfg, base, tokenizer)
     rows = phase_rows(cfg, n, new_ids, model.get_input_embeddings().weight.shape[0], base)
-    targets = token_row_targets(model, rows) if rows else None
+    targets = new_rows(model, rows, base) if rows else None
     if n == 1:
         return attach_token_rows(freeze_base(model, cfg.gradient_checkpointing), targets), rows
     return attach_lora(model, cfg.lora, trainable_token_indices=targets,
@@ -325,7 +320,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         chain = [1, 2]  # phase 2 continues a phase 1 finished by an earlier command
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    new_ids = [int(i) for i in read_run(Path(base)).get("new_token_ids", [])] if Path(base).is_dir() else []
+    new_ids = new_token_ids(base)
 
     corpus = Corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.eval_max_docs, cfg.seed, cfg.max_docs)
     eval_docs = corpus.eval_docs()

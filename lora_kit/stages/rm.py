@@ -14,8 +14,9 @@ from trl import RewardConfig, RewardTrainer
 from lora_kit.data.pairs import read_pairs
 from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import check_vocab, compute_dtype, load_model
-from lora_kit.models.lora import attach_lora, count_parameters
+from lora_kit.models.builder import build
+from lora_kit.models.load import compute_dtype
+from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import FRACTION, GE0, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import encode
 from lora_kit.training.run import (
@@ -56,16 +57,6 @@ def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "
     return rows, dropped
 
 
-def load_reward_model(base: str, cfg, tokenizer):
-    """AutoModelForSequenceClassification with one label and the tokenizer's pad id (the head pools the last
-    non-pad token)."""
-
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                       model_class=AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
 def run(cfg: Config, dry_run: bool = False) -> Path:
     """Train a LoRA reward model (adapter + score head) on preference pairs; returns the output directory."""
     out, ckpt, base, tokenizer, template = open_run(cfg)
@@ -80,10 +71,10 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
     set_seed(cfg.seed)  # the score head is initialised randomly at load
     dtype = compute_dtype(cfg.dtype)
-    model = load_reward_model(base, cfg, tokenizer)
-    check_vocab(model, tokenizer, base)
-    model = attach_lora(model, cfg.lora, modules_to_save=["score"], task_type="SEQ_CLS",
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+    # one label, and the tokenizer's pad id: the score head pools the last token that is not pad
+    built = build(cfg, base, tokenizer, model_class=AutoModelForSequenceClassification, num_labels=1,
+                  pad_token_id=tokenizer.pad_token_id, modules_to_save=["score"], task_type="SEQ_CLS")
+    model = built.model
     trainable, total = count_parameters(model)
     print(f"lorakit rm: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), trainable {trainable:,} / "
           f"{total:,} parameters ({trainable / total:.2%}); {cfg.batch_size * cfg.grad_accum} pairs per step",
@@ -106,5 +97,6 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         info["held_out_accuracy"] = round(accuracy, 4)
         if is_main_process():
             print(f"lorakit rm: held-out pairwise accuracy {accuracy:.3f} on {len(held)} pairs", flush=True)
-    return save_run(out, model, tokenizer, cfg, "rm", base, trainer=trainer, **info)
+    return save_run(out, model, tokenizer, cfg, "rm", base, trainer=trainer, new_token_ids=built.new_token_ids,
+                    **info)
 

@@ -19,10 +19,10 @@ from lora_kit.data.records import (
     tokenize_conversations,
 )
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import check_vocab, compute_dtype, load_model
-from lora_kit.models.lora import attach_lora, count_parameters
+from lora_kit.models.builder import build
+from lora_kit.models.load import compute_dtype
+from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
-from lora_kit.rundir import read_run
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import install_callbacks, open_run, run_trainer, save_run, training_arguments
 
@@ -80,13 +80,9 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[PreparedRun]:
           + f"; padding {stats.extra['padding']:.2%} of processed tokens (length-grouped batches)")
 
     dtype = compute_dtype(cfg.dtype)
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle)
-    check_vocab(model, tokenizer, base)
+    built = build(cfg, base, tokenizer, train_new_tokens=cfg.train_new_tokens)
+    model, new_ids = built.model, built.new_token_ids
     model.config.use_cache = False  # training needs no KV cache (and a cache disables packed-sequence masking)
-    new_ids = read_run(Path(base)).get("new_token_ids", []) if Path(base).is_dir() else []
-    model = attach_lora(model, cfg.lora, trainable_token_indices=new_ids if cfg.train_new_tokens else None,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
     row_tokens = cfg.cutoff_len if cfg.packing else stats.tokens // max(stats.records, 1)
     per_step = cfg.batch_size * cfg.grad_accum * row_tokens

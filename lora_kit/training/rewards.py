@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.scores import normalise as answer_text  # compared as `lorakit eval` compares answers
 from lora_kit.evaluate.scores import segmentation_prf
-from lora_kit.models.load import load_model
+from lora_kit.models.builder import load_base
 from lora_kit.templates import encode
 
 SENTIMENT_LABELS = ("正面", "负面")  # the bundled task's answers (data/zh_tasks.py)
@@ -91,10 +91,8 @@ class RewardModel:
         path = Path(adapter_dir)
         if not (path / "adapter_config.json").is_file():
             raise LorakitError(f"{path}: reward_adapter must be the output_dir of `lorakit rm` (adapter_config.json)")
-        model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype,
-                           trust_remote_code=cfg.trust_remote_code, model_class=AutoModelForSequenceClassification,
-                           num_labels=1)
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model = load_base(cfg, base, tokenizer, AutoModelForSequenceClassification, num_labels=1,
+                          pad_token_id=tokenizer.pad_token_id)
         self.model = PeftModel.from_pretrained(model, str(path)).eval().requires_grad_(False)
         self.tokenizer, self.template = tokenizer, template
 

@@ -28,7 +28,8 @@ from transformers import get_scheduler
 from lora_kit.data.pairs import read_prompts
 from lora_kit.data.records import Collator, conversations, read_records, split_eval, tokenize_conversations
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import check_vocab, compute_dtype, load_model
+from lora_kit.models.builder import build
+from lora_kit.models.load import compute_dtype
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.rundir import write_text
@@ -302,8 +303,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     dtype = compute_dtype(cfg.dtype)
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    check_vocab(model, tokenizer, base)
+    built = build(cfg, base, tokenizer, adapter="none")  # the roles attach their adapters
+    model = built.model
     if cfg.gradient_checkpointing:
         say("gradient_checkpointing is not used by PPO (the model runs in eval mode, no dropout)")
     roles = Roles(model, cfg.lora, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter,
@@ -383,7 +384,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if is_main_process():
         roles.save(out)
         plot_metrics(out, PLOT_KEYS, panels=True)
-    return save_run(out, _SavedByRoles(roles.model), tokenizer, cfg, "ppo", base, **info)
+    return save_run(out, _SavedByRoles(roles.model), tokenizer, cfg, "ppo", base, new_token_ids=built.new_token_ids,
+                    **info)
 
 
 class _SavedByRoles:

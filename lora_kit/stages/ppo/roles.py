@@ -12,11 +12,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.lora import lora_config
 from lora_kit.stages.ppo.core import all_sum, world
 
 
@@ -47,11 +48,7 @@ class Roles:
             self.model = PeftModel.from_pretrained(base_model, str(sft), adapter_name="default", is_trainable=True)
             self.model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
         else:
-            targets = lora.target_modules
-            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                target_modules="all-linear" if targets == "all-linear" else
-                                [t.strip() for t in targets.split(",") if t.strip()])
-            self.model = get_peft_model(base_model, config, adapter_name="default")
+            self.model = get_peft_model(base_model, lora_config(lora, dropout=0.0), adapter_name="default")
         self.has_ref_adapter = bool(sft_adapter)
         self.value_head = nn.Linear(hidden, 1)
         self.score_head: Optional[nn.Linear] = None
@@ -68,11 +65,7 @@ class Roles:
                 self.value_head.weight.copy_(self.score_head.weight)
                 self.value_head.bias.copy_(self.score_head.bias if self.score_head.bias is not None else 0)
         else:
-            targets = lora.target_modules
-            self.model.add_adapter("value", LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                                       task_type="CAUSAL_LM",
-                                                       target_modules="all-linear" if targets == "all-linear" else
-                                                       [t.strip() for t in targets.split(",") if t.strip()]))
+            self.model.add_adapter("value", lora_config(lora, dropout=0.0))
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch

@@ -1,0 +1,108 @@
+"""The one model builder (lora_kit.models.builder) as every stage sees it, on tiny vocabulary-extended bases: each stage
+records the base's new token ids in run.json, sft trains the new head rows of an untied base, and allow_pickle means
+the same thing in every stage."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from lora_kit.cli import main
+from lora_kit.recipe import load_config
+from lora_kit.stages import sft
+from test_pretrain import changed_rows, corpus, ext_tied, ext_untied, lines, pretrain  # noqa: F401 (fixtures)
+from test_rm import synthetic_pairs
+
+sys.path.insert(0, str(Path(__file__).parent))  # reward_fn=ppo_rewards:... imports from here
+
+
+def stage_args(stage: str, model, tmp_path: Path, out: Path) -> list[str]:
+    """One cheap training step of `stage` on `model` (pretrain: one step of each phase)."""
+    common = [f"model={model}", f"output_dir={out}", "dtype=fp32", "lora.r=4", "logging_steps=1"]
+    if stage == "pretrain":
+        return ["pretrain", f"model={model}", f"output_dir={out}"]  # (pretrain() adds the rest)
+    if stage == "sft":
+        return ["sft", *common, "data=zh_sft_mix", "max_samples=16", "cutoff_len=256", "batch_size=2", "max_steps=1",
+                "save_steps=1"]
+    if stage in ("rm", "dpo"):
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(16))
+        return [stage, *common, f"data={pairs}", "max_steps=1", "save_steps=1", "batch_size=4", "eval_fraction=0"]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"写一条评价{i}"} for i in range(8)])
+    if stage == "ppo":
+        return ["ppo", *common, f"data={prompts}", "reward_fn=ppo_rewards:de_share", "max_steps=1", "save_steps=10",
+                "batch_size=4", "mini_batch_size=4", "max_new_tokens=4", "ppo_epochs=1", "eval_fraction=0"]
+    return ["grpo", *common, f"data={prompts}", "rewards=han_share:1", "max_steps=1", "save_steps=10",
+            "batch_size=2", "num_generations=2", "max_new_tokens=4", "eval_fraction=0", "eval_data="]
+
+
+def run_stage(stage: str, model, tmp_path: Path, out: Path, text: Path) -> int:
+    if stage == "pretrain":
+        return pretrain(model, text, out, "phase1.max_steps=1", "phase2.max_steps=1")
+    return main(stage_args(stage, model, tmp_path, out))
+
+
+STAGES = ["sft", "pretrain", "rm", "dpo", "ppo", "grpo"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_records_the_new_token_ids(stage, ext_tied, corpus, tmp_path):
+    """README's output contract: run.json lists the base's new token ids (merge builds its probe batch from them)."""
+    model_dir, new_ids = ext_tied
+    out = tmp_path / "out"
+    assert run_stage(stage, model_dir, tmp_path, out, corpus) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["stage"] == stage and run["new_token_ids"] == new_ids
+
+
+def test_sft_on_an_untied_extended_base_trains_the_new_head_rows(ext_untied, tmp_path):
+    """The new rows of an untied lm_head are as new as the embedding's: sft trains both, and only those head rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, new_ids = ext_untied
+    out = tmp_path / "out"
+    sft.run(load_config(sft.Config, "alpaca_zh", [f"model={model_dir}", "data=zh_sft_mix", f"output_dir={out}",
+                                                   "max_samples=32", "cutoff_len=256", "batch_size=2", "max_steps=4",
+                                                   "save_steps=4", "logging_steps=1", "dtype=fp32", "lora.r=4",
+                                                   "learning_rate=1e-2"]))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert not base.config.tie_word_embeddings
+    before = base.lm_head.weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    after = merged.lm_head.weight.detach()
+    assert changed_rows(before, after) == new_ids  # every new head row moved, no old one
+    assert (after[new_ids] - before[new_ids]).abs().max() > 1e-4
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lm_head" in k and "trainable_tokens" in k for k in saved), sorted(saved)
+    assert json.loads((out / "run.json").read_text())["new_token_ids"] == new_ids
+
+
+@pytest.fixture(scope="module")
+def pickled_base(tmp_path_factory, ext_tied) -> Path:
+    """The extended tiny base with its weights as pickle only (pytorch_model.bin, no safetensors; transformers 5
+    saves safetensors only, so torch.save writes it as older checkpoints were)."""
+    src, _ = ext_tied
+    dst = tmp_path_factory.mktemp("pickled")
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, dst / f.name)
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    assert (dst / "pytorch_model.bin").is_file() and not list(dst.glob("*.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_allow_pickle_is_honoured_by_every_stage(stage, pickled_base, corpus, tmp_path, capsys):
+    """Refused without allow_pickle (saying how to proceed), loaded with it: the same in every stage."""
+    args = stage_args(stage, pickled_base, tmp_path, tmp_path / "out")
+    if stage == "pretrain":
+        args += [f"data={corpus}", "dtype=fp32", "block_size=32"]
+    assert main([*args, "--dry-run"]) == 2
+    assert "pickle weights only" in capsys.readouterr().err
+    assert main([*args, "allow_pickle=true", "--dry-run"]) == 0, capsys.readouterr().err
