@@ -119,6 +119,15 @@ def test_over_cutoff_counted_with_the_training_template(tiny_model_dir, tmp_path
     code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64")
     assert code == 1 and len(out) == 3  # the problem, the format read, the summary
     assert out[0].startswith(f"{f}:2: ") and out[0].endswith("tokens, over cutoff_len 64 (will be truncated)")
+    # overlong=drop: sft and rm drop such a record, dpo (TRL) truncates it whatever overlong says
+    for stage, fate in ((None, "dropped by rm, truncated by dpo"), ("rm", "will be dropped"),
+                        ("dpo", "will be truncated")):
+        code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64", "--overlong", "drop",
+                              *(("--for", stage) if stage else ()))
+        assert code == 1 and out[0].endswith(f"tokens, over cutoff_len 64 ({fate})"), out
+    sft_file = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "长" * 80, "output": "好"}])
+    code, out = run_check(capsys, sft_file, "--model", tiny_model_dir, "--cutoff-len", "64", "--overlong", "drop")
+    assert code == 1 and out[0].endswith("tokens, over cutoff_len 64 (will be dropped)"), out
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "pretrain"])

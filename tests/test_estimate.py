@@ -116,3 +116,19 @@ def test_weights_and_optimizer_match_measured_rss(tiny_model_dir, tmp_path):
     assert len(rows) == 2, res.stdout
     for case, est, got, ratio in rows:
         assert 0.85 <= float(ratio) <= 1.15, res.stdout
+
+
+def test_defaults_are_the_recipes(tmp_path, capsys):
+    """One source for each default: Setup(), the command line and the recipes' lora/data sections agree (dropout was
+    0.0 in Setup and 0.05 on the command line)."""
+    import argparse
+
+    from lora_kit.models.estimate import add_arguments
+    from lora_kit.recipe import DataArgs, LoraArgs
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "x"])
+    assert (args.lora_dropout, args.lora_r, args.seq_len) == (Setup().lora_dropout, Setup().lora_r, Setup().seq_len)
+    assert (Setup().lora_dropout, Setup().lora_r, Setup().seq_len) == (LoraArgs().dropout, LoraArgs().r,
+                                                                         DataArgs().cutoff_len)

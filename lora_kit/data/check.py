@@ -12,6 +12,7 @@ from lora_kit.data.pairs import judged_problems, pair_problems, prompt_messages
 from lora_kit.data.records import detect_format, read_records
 from lora_kit.data.text import TEXT_SUFFIXES
 from lora_kit.errors import LorakitError
+from lora_kit.recipe import DataArgs
 from lora_kit.templates import encode, prompt_ids
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "unpaired", "prompts", "text")
@@ -36,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--for", dest="stage", choices=sorted(STAGE_KINDS),
                    help="apply exactly the rules of this training stage (default: guess the kind from the file)")
     c.add_argument("--model", help="tokenizer to count tokens against --cutoff-len")
-    c.add_argument("--cutoff-len", type=int, default=512)
+    c.add_argument("--cutoff-len", type=int, default=DataArgs.cutoff_len, help="the recipe's cutoff_len")
+    c.add_argument("--overlong", choices=("truncate", "drop"), default=DataArgs.overlong,
+                   help="the recipe's overlong: what training does with a record over the cutoff")
     c.add_argument("--max-problems", type=int, default=50, help="stop listing after this many")
 
 
@@ -56,8 +59,9 @@ def detect_kind(path: Path, records) -> str:
     return "sft"
 
 
-def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512, stage: Optional[str] = None,
-          found: Optional[dict] = None) -> tuple[int, list[str]]:
+def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = DataArgs.cutoff_len,
+          stage: Optional[str] = None, found: Optional[dict] = None,
+          overlong: str = DataArgs.overlong) -> tuple[int, list[str]]:
     """(number of records, problems). Each problem is one line naming file, record and field. The checks are the
     functions training uses (data.py, pairs.py), except that every record is checked and every problem kept. With
     `stage`, exactly that stage's rules apply; `found` receives the format detected ("format") and its stage."""
@@ -100,10 +104,24 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = 512, s
         if tokenizer is not None and seqs:
             n = max(len(_ids(tokenizer, template, s)) for s in seqs)
             if n > cutoff_len:
-                problems.append(f"{rec.loc()}: {n} tokens, over cutoff_len {cutoff_len} (will be truncated)")
+                problems.append(f"{rec.loc()}: {n} tokens, over cutoff_len {cutoff_len} "
+                                f"({over_cutoff_fate(stage or KIND_STAGES[kind], overlong)})")
     found.update(format=state.get("sft").name if kind == "sft" and state.get("sft") else kind,
                  stage=stage or KIND_STAGES[kind])
     return len(records), sorted(problems, key=_line)  # lines unreadable as JSON were listed first
+
+
+DROPPING = ("sft", "rm")  # the stages that honour overlong=drop; dpo (TRL), ppo and grpo truncate
+
+
+def over_cutoff_fate(stages: str, overlong: str) -> str:
+    """What training does with a record over cutoff_len, for the stage(s) reading it ("rm, dpo") and `overlong`."""
+    names = [s.strip() for s in stages.split(",")]
+    if overlong != "drop" or not any(s in DROPPING for s in names):
+        return "will be truncated"
+    if all(s in DROPPING for s in names):
+        return "will be dropped"
+    return ", ".join(f"{'dropped' if s in DROPPING else 'truncated'} by {s}" for s in names)
 
 
 def _line(problem: str) -> int:
@@ -241,7 +259,7 @@ def main(args) -> int:
 
         tokenizer = load_tokenizer(resolve_model(args.model))
     found: dict = {}
-    n, problems = check(args.file, args.format, tokenizer, args.cutoff_len, args.stage, found)
+    n, problems = check(args.file, args.format, tokenizer, args.cutoff_len, args.stage, found, args.overlong)
     for line in problems[: args.max_problems]:
         print(line)
     if len(problems) > args.max_problems:

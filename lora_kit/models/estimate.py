@@ -15,6 +15,7 @@ from typing import Optional
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import resolve_model
+from lora_kit.recipe import DataArgs, LoraArgs
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context + allocator slack seen per GPU process (not counted with --device cpu)
@@ -121,13 +122,13 @@ class Setup:
     """The training setup an estimate is for: method, dtype, batch shape, processes, ZeRO stage and offload."""
     method: str = "lora"  # lora | qlora | full
     dtype: str = "bf16"  # compute dtype: bf16 | fp16 | fp32
-    seq_len: int = 512
+    seq_len: int = DataArgs.cutoff_len
     batch: int = 1  # micro-batch per device; gradient accumulation adds nothing
     nproc: int = 1
     zero: Optional[int] = None  # DeepSpeed ZeRO stage 2 or 3 (FSDP FULL_SHARD ~ 3, SHARD_GRAD_OP ~ 2)
     offload: bool = False  # gradients + optimizer states (ZeRO-3: parameters too) in CPU RAM
-    lora_r: int = 8
-    lora_dropout: float = 0.0
+    lora_r: int = LoraArgs.r
+    lora_dropout: float = LoraArgs.dropout  # the recipes' default, as `--lora-dropout`'s
     gradient_checkpointing: bool = False
     device: str = "gpu"  # gpu adds the CUDA context; cpu measures what the benchmark can check
 
@@ -238,13 +239,16 @@ def add_arguments(p) -> None:
                                                   f"shape ({', '.join(sorted(KNOWN))})")
     p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (recipe cutoff_len; default 512)")
+    p.add_argument("--seq-len", type=int, default=Setup.seq_len,
+                   help=f"tokens per sequence (recipe cutoff_len; default {Setup.seq_len})")
     p.add_argument("--batch", type=int, default=1, help="micro-batch per device (recipe batch_size; default 1)")
     p.add_argument("--nproc", type=int, default=1, help="total processes (GPUs) across all nodes")
     p.add_argument("--zero", type=int, choices=(2, 3), help="DeepSpeed ZeRO stage (FSDP full shard ~ 3)")
     p.add_argument("--offload", action="store_true", help="ZeRO offload: optimizer states (ZeRO-3: weights too) to CPU")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (all linear layers; default 8)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05, as the recipes)")
+    p.add_argument("--lora-r", type=int, default=Setup.lora_r, help=f"LoRA rank (all linear layers; default "
+                                                                       f"{Setup.lora_r}, as the recipes)")
+    p.add_argument("--lora-dropout", type=float, default=Setup.lora_dropout,
+                   help=f"LoRA dropout (default {Setup.lora_dropout}, as the recipes)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="gpu adds ~1 GiB CUDA context")
 
