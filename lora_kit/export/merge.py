@@ -2,9 +2,14 @@
 
 Output: a plain transformers model directory (or a GGUF file) with the adapters' tokenizer, trained embedding rows and
 heads; logits are checked against base + adapters before the directory appears.
+
+`--rows-only` folds only what a LoRA adapter cannot carry for engines that serve LoRA factors alone (vLLM refuses
+trained token rows and saved modules): OUT is the base with the trained rows and modules, OUT/adapter the last
+adapter's LoRA factors over it, so adapters stay hot-swappable over an extended vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -27,10 +32,12 @@ from lora_kit.export.common import (
     read_adapter,
     release_memory,
     tensor_nbytes,
+    write_adapter,
     write_safetensors_stream,
 )
 from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits, ulp_step
-from lora_kit.rundir import atomic_dir, run_info, write_json
+from lora_kit.models.load import signature
+from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
 
 
 def add_arguments(p) -> None:
@@ -42,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers directory or one GGUF file")
     p.add_argument("--gguf-type", choices=["f16", "q8_0", "bf16", "f32"], default="f16", help="GGUF tensor type")
+    p.add_argument("--rows-only", action="store_true",
+                   help="fold only trained token rows and saved modules into the base; keep the last adapter's LoRA "
+                        "factors as OUT/adapter (what vLLM serves over an extended vocabulary)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -67,6 +77,8 @@ def main(args) -> int:
         base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     loaded = [read_adapter(a) for a in adapters]
     task = "SEQ_CLS" if any(a.task_type == "SEQ_CLS" for a in loaded) else "CAUSAL_LM"
+    kept = rows_only_factors(loaded[-1], task, args.format) if args.rows_only else None
+    folded = loaded[:-1] + [dataclasses.replace(loaded[-1], lora={})] if args.rows_only else loaded
     ckpt = Checkpoint(base)
     dtype = DTYPES[args.dtype] if args.dtype else ckpt.dtype()
     print(f"lorakit merge: {base} + {' + '.join(map(str, adapters))} -> {out} ({str(dtype)[6:]}, {args.format})")
@@ -74,10 +86,12 @@ def main(args) -> int:
     with atomic_dir(out, force=True) as tmp:
         work = tmp if args.format == "hf" else Path(tempfile.mkdtemp(prefix=".merge-hf-", dir=tmp.parent))
         try:
-            tok, config = write_merged(ckpt, loaded, work, dtype, parse_size(args.shard_size), task, adapters)
-            result = verify(base, adapters, work, task, dtype, tok, loaded)
+            tok, config = write_merged(ckpt, folded, work, dtype, parse_size(args.shard_size), task, adapters)
+            if kept is not None:
+                write_lora_only(work / "adapter", kept, loaded[-1], out, work, tok)
+            result = verify(base, adapters, work, task, dtype, tok, loaded, rows_only=kept is not None)
             info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
-                        task_type=task, verification=result)
+                        task_type=task, verification=result, rows_only=kept is not None)
             if args.format == "gguf":
                 from lora_kit.export.gguf import export_gguf
 
@@ -89,6 +103,36 @@ def main(args) -> int:
         write_json(tmp / "run.json", run_info("merge", str(base), new_token_ids=new_token_ids(adapters), **info))
     print(f"lorakit merge: wrote {out}")
     return 0
+
+
+def rows_only_factors(last: Adapter, task: str, fmt: str) -> dict:
+    """The LoRA factors `--rows-only` keeps as an adapter (all of the last adapter's; one rank, as PEFT stores)."""
+    if fmt != "hf" or task != "CAUSAL_LM":
+        raise LorakitError("--rows-only writes a transformers directory of a causal LM (not --format gguf, not a "
+                           "reward model)")
+    if not last.lora:
+        raise LorakitError(f"{last.path}: no LoRA factors to keep as an adapter; merge it without --rows-only")
+    ranks = {f.A.shape[0] for f in last.lora.values()}
+    if len(ranks) > 1:
+        raise LorakitError(f"{last.path}: LoRA factors of several ranks {sorted(ranks)}; --rows-only writes one rank")
+    if not last.rows and not last.full:
+        print(f"lorakit merge: {last.path} trains no token rows or saved modules; OUT/adapter is its LoRA as it was")
+    return last.lora
+
+
+def write_lora_only(dst: Path, lora: dict, last: Adapter, out: Path, work: Path, tok) -> None:
+    """OUT/adapter: the LoRA factors over the rows-merged base at `out`, with the tokenizer, recipe and run.json a
+    lorakit stage writes, so `lorakit chat/serve --adapter OUT/adapter` and plain peft load it."""
+    dst.mkdir()
+    write_adapter(dst, lora, next(iter(lora.values())).A.shape[0], task_type=last.task_type,
+                  base_model=str(out.resolve()), fan_in_fan_out=bool(last.config.get("fan_in_fan_out")))
+    tok.save_pretrained(dst)
+    if (last.path / "recipe.yaml").is_file():
+        shutil.copy2(last.path / "recipe.yaml", dst / "recipe.yaml")
+    stage = read_run(last.path).get("stage", "sft")
+    write_json(dst / "run.json", run_info(stage, str(out.resolve()), rows_folded_from=str(last.path),
+                                          base_signature=signature(AutoConfig.from_pretrained(work)),
+                                          new_token_ids=read_run(last.path).get("new_token_ids") or []))
 
 
 def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: torch.dtype, shard_size: int,
@@ -177,8 +221,9 @@ def write_merged(ckpt: Checkpoint, adapters: list[Adapter], dst: Path, dtype: to
 
 
 def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: torch.dtype, tok,
-           loaded: list[Adapter]) -> dict:
-    """Logits of the merged model against base + adapters (PEFT, unmerged) on a probe batch; fails outside tolerance."""
+           loaded: list[Adapter], rows_only: bool = False) -> dict:
+    """Logits of the merged model (with `rows_only`: of merged/adapter over it, by PEFT) against base + adapters (PEFT,
+    unmerged) on a probe batch; fails outside tolerance."""
     rows = json.loads((merged / "config.json").read_text())["vocab_size"]
     ids = probe_batch(tok, rows, new_token_ids(adapters))
     pad = tok.pad_token_id
@@ -188,6 +233,9 @@ def verify(base: Path, adapters: list[Path], merged: Path, task: str, dtype: tor
     ref, bare = reference_logits(base, adapters, task, ids, pad, earlier=loaded[:-1])
     out = model_logits(merged, task, ids, pad)
     stepped = model_logits(merged, task, ids, pad, transform=ulp_step(dtype)) if dtype != torch.float32 else None
+    if rows_only:  # the rows-merged base's own rounding effect, carried over to it with the LoRA-only adapter on top
+        plain, out = out, reference_logits(merged, [merged / "adapter"], task, ids, pad)[0]
+        stepped = None if stepped is None else out + (stepped - plain)
     res = compare(ref, bare, out, dtype, stepped)
     print(f"lorakit merge: verification on {tuple(ids.shape)} probe tokens: max |merged - (base + adapters)| = "
           f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}: one {res['dtype']} ulp on every weight moves "

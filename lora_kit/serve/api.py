@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Literal, Optional, Union
 
 from lora_kit.errors import LorakitError
+from lora_kit.serve import vllm as vllm_backend
 from lora_kit.serve.engine import Busy, Engine, Job, Sampling, Served, load_models
 
 # fastapi, pydantic and uvicorn are the optional `lorakit[serve]` extra: imported here, so only `serve`/`ui` need them
@@ -304,8 +305,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they end with an error")
-    p.add_argument("--backend", default="transformers", choices=["transformers"],
-                   help="generation back end (vLLM is not wired in yet)")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="transformers: lorakit's own engine (every lorakit adapter, any vocabulary); vllm: vLLM's "
+                        "OpenAI server, prepared and supervised by lorakit (--max-queue, --max-tokens and "
+                        "--max-request-bytes are the transformers engine's; vLLM queues by its own scheduler)")
+    p.add_argument("--vllm-python", help="vllm: interpreter of a venv with vLLM (default: $LORAKIT_VLLM_PYTHON, "
+                                         "else this one)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="vllm: longest prompt + answer in tokens")
+    p.add_argument("--vllm-args", help="vllm: more options for its server, as one string")
 
 
 def check_host(host: str, api_key: Optional[str]) -> None:
@@ -317,6 +324,8 @@ def check_host(host: str, api_key: Optional[str]) -> None:
 def main(args) -> int:
     """Load the models, then serve until SIGTERM/SIGINT."""
     check_host(args.host, args.api_key)
+    if args.backend == "vllm":
+        return vllm_backend.main(args, parse_adapters(args.adapter))
     models = load_models(args.model, parse_adapters(args.adapter), base_name=args.name, dtype=args.dtype)
     app = create_app(models, max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_tokens=args.max_tokens,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key)
