@@ -17,7 +17,7 @@ from conftest import build_tokenizer
 from serve_helpers import build_adapter, build_extended_base, free_port, wait_http
 
 openai = pytest.importorskip("openai", reason="the serve tests talk to the server with the official openai client")
-VENV = Path.home() / ".cache/lorakit-vllm/venv"  # where `make test-vllm` (and .ci/run) install it; .installed when whole
+VENV = Path.home() / ".cache/lorakit-vllm/venv"  # `make test-vllm` and .ci/run install it; .installed once whole
 VLLM = os.environ.get("LORAKIT_VLLM_PYTHON") or (str(VENV / "bin/python") if (VENV / ".installed").is_file() else "")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not VLLM or not Path(VLLM).is_file(), reason=(
     "vLLM not installed (no LORAKIT_VLLM_PYTHON, no ~/.cache/lorakit-vllm/venv/.installed): `make test-vllm` installs "
