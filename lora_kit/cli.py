@@ -12,6 +12,7 @@ from typing import Optional
 from lora_kit.commands import BY_NAME, COMMANDS, Command
 from lora_kit.errors import LorakitError
 from lora_kit.recipe import describe, dump_yaml, load_config
+from lora_kit.rundir import AlreadyComplete, closing_runs
 
 
 def _recipe_parser(cmd: Command, config_cls) -> argparse.ArgumentParser:
@@ -37,7 +38,12 @@ def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
         from lora_kit.training.launch import relaunch
 
         return relaunch(args.nproc, [cmd.name, *argv])
-    out = module.run(config, dry_run=args.dry_run) if args.dry_run else module.run(config)
+    try:
+        with closing_runs():  # a failed run's output_dir is put back as it was; its lock released
+            out = module.run(config, dry_run=args.dry_run) if args.dry_run else module.run(config)
+    except AlreadyComplete as e:
+        print(f"lorakit {cmd.name}: {e}")
+        return 0
     if out is not None:
         print(f"lorakit: {cmd.name} finished: {out}")
     return 0

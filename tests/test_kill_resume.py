@@ -230,11 +230,15 @@ def test_sigkill_then_resume_equals_uninterrupted(case, inputs, uninterrupted, t
     assert same_metrics(full, part), f"killed at {where}: metrics.jsonl differ"
 
 
-def test_resume_without_checkpoint_or_after_finish(tiny_model_dir, tmp_path):
+def test_resume_without_checkpoint_or_after_finish(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "o"
     args = _sft({"model": tiny_model_dir}, out) + ["max_steps=2"]
     assert main(args) == 0
-    assert main(args + ["resume=true"]) == 2  # finished: nothing to resume
+    capsys.readouterr()
+    assert main(args + ["resume=true"]) == 0  # finished with the same recipe: nothing to do, and that is success
+    assert "already complete" in capsys.readouterr().out
+    assert main(args[:-1] + ["max_steps=3", "resume=true"]) == 2  # another recipe: refused, naming the key
+    assert "max_steps (2 -> 3)" in capsys.readouterr().err
     assert main(args) == 2  # finished: refuse to overwrite
 
 

@@ -25,12 +25,17 @@ def leftovers(parent):
 
 def test_existing_output_needs_force(adapter, tmp_path, capsys):
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    assert main(["merge", "--adapter", str(adapter), "--output", str(out)]) == 0
     assert main(["merge", "--adapter", str(adapter), "--output", str(out)]) == 2
-    assert "--force" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "--force" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(adapter), "--output", str(out), "--force"]) == 0
-    assert (out / "run.json").exists() and not (out / "keep.txt").exists()
+    assert (out / "run.json").exists()
+    mine = tmp_path / "mine"  # not written by lorakit: never replaced, --force or not
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    for force in ([], ["--force"]):
+        assert main(["merge", "--adapter", str(adapter), "--output", str(mine), *force]) == 2
+        assert "not a lorakit output" in capsys.readouterr().err and (mine / "keep.txt").exists()
 
 
 def test_exception_mid_write_leaves_nothing(adapter, tmp_path, monkeypatch):

@@ -11,10 +11,9 @@ from tqdm.auto import tqdm
 
 from lora_kit.errors import LorakitError
 from lora_kit.export.common import Checkpoint, Lora, write_adapter
-from lora_kit.export.merge import check_output
 from lora_kit.export.verify import model_logits, probe_batch, reference_logits
 from lora_kit.models.load import resolve_model
-from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
+from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
 
 EXACT_SVD_MAX = 4096  # above this smaller dimension a randomised SVD (torch.svd_lowrank) is used
 
@@ -54,7 +53,7 @@ def low_rank(d: torch.Tensor, rank: int) -> tuple[Lora, float, float]:
 def main(args) -> int:
     """`lorakit extract-lora`: a rank-K LoRA adapter approximating tuned − base, layer by layer by truncated SVD."""
     out = Path(args.output)
-    check_output(out, args.force)
+    check_writable(out, args.force)
     if args.rank < 1:
         raise LorakitError(f"--rank must be ≥ 1, got {args.rank}")
     base_dir, tuned_dir = Path(resolve_model(args.base)), Path(resolve_model(args.tuned))

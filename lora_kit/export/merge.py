@@ -37,7 +37,7 @@ from lora_kit.export.common import (
 )
 from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits, ulp_step
 from lora_kit.models.load import signature
-from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
+from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
 
 
 def add_arguments(p) -> None:
@@ -55,16 +55,10 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an existing non-empty output path unless --force."""
-    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
-        raise LorakitError(f"{path}: already exists; pass --force to replace it")
-
-
 def main(args) -> int:
     """`lorakit merge`: fold the adapters into the base weights, verify the logits, then move the output in place."""
     out = Path(args.output)
-    check_output(out, args.force)
+    check_writable(out, args.force)
     bound_allocator()
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:

@@ -20,8 +20,7 @@ from lora_kit.export.common import (
     read_adapter,
     write_adapter,
 )
-from lora_kit.export.merge import check_output
-from lora_kit.rundir import atomic_dir, read_run, run_info, write_json
+from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
 
 
 def add_arguments(p) -> None:
@@ -95,7 +94,7 @@ def combine_tensors(adapters: list[Adapter], weights: list[float], kind: str, ba
 def main(args) -> int:
     """`lorakit svd`: a rank-K adapter of the weighted sum of the adapters' updates, with the energy kept per layer."""
     out = Path(args.output)
-    check_output(out, args.force)
+    check_writable(out, args.force)
     if args.rank < 1:
         raise LorakitError(f"--rank must be ≥ 1, got {args.rank}")
     paths = [Path(a) for a in args.adapter]

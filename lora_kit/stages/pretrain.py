@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
+import yaml
 from peft import get_peft_model_state_dict
 from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import load_file
@@ -40,7 +41,7 @@ from lora_kit.recipe import (
     dump_yaml,
     section,
 )
-from lora_kit.rundir import is_finished, read_run, run_info, write_json, write_text
+from lora_kit.rundir import SUBRUNS, RunDir, finish, is_finished, read_run, run_info, write_json, write_text
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import (
     install_callbacks,
@@ -128,10 +129,9 @@ def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int,
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"{out}: output path exists and is not a directory")
-    if is_finished(out) and not (cfg.resume or cfg.force):
-        raise LorakitError(f"{out}: holds a finished run; resume=true keeps its finished phases, force=true retrains")
+    keep = SUBRUNS if cfg.resume and not cfg.force else [phase_dir(out, n).name for n in (1, 2) if n not in phases]
+    RunDir.claim(out, force=cfg.force, resume=cfg.resume, recipe=yaml.safe_load(dump_yaml(cfg)), keep=keep,
+                 continues=True, writer=is_main_process() and not dry_run)
     todo, ckpts = [], {}
     for n in phases:
         d = phase_dir(out, n)
@@ -305,6 +305,7 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
     size = _file_size(out)
     write_json(out / "run.json", run_info("pretrain", base, seed=cfg.seed, new_token_ids=new_ids, phases=chain,
                                           adapter_bytes=size, evals=evals, throughput=speed))
+    finish(out)
     line = " -> ".join(f"{k} {v['eval_bpc']:.4f}" for k, v in evals.items() if v.get("eval_bpc") is not None)
     print(f"lorakit pretrain: bits/char {line or 'not evaluated (no held-out text)'}; adapter {_mb(size)} "
           f"({size:,} bytes)", flush=True)

@@ -7,6 +7,7 @@ metrics.jsonl, loss.png, checkpoints/checkpoint-N (resumable).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
+import yaml
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback as HFProgress
@@ -25,10 +27,8 @@ from transformers.trainer_callback import ProgressCallback as HFProgress
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import device, load_tokenizer, resolve_model, signature
 from lora_kit.recipe import dump_yaml
-from lora_kit.rundir import check_writable, is_finished, run_info, write_json, write_text
+from lora_kit.rundir import CHECKPOINTS, RunDir, finish, newest_checkpoint, run_info, write_json, write_text
 from lora_kit.templates import resolve
-
-CHECKPOINTS = "checkpoints"
 
 
 def is_main_process() -> bool:
@@ -38,33 +38,20 @@ def is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------------- output dir
 def prepare_output(cfg) -> tuple[Path, Optional[str]]:
-    """Validate output_dir against resume/force; return (path, checkpoint to resume from or None)."""
+    """Claim output_dir for this run under rundir.RunDir's rules (resume/force, lock, previous run kept until the new
+    one has a result); return (path, checkpoint to resume from or None)."""
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
     out = Path(cfg.output_dir)
-    if is_main_process():  # other ranks write nothing; concurrent probes could remove each other's new directory
-        probe_writable(out)
-    ckpt = newest_checkpoint(out)
-    if cfg.resume:
-        if is_finished(out) and not cfg.force:
-            raise LorakitError(f"{out}: this run already finished; nothing to resume (force=true to train again)")
+    recipe = yaml.safe_load(dump_yaml(cfg)) if dataclasses.is_dataclass(cfg) else None
+    ckpt = RunDir.claim(out, force=cfg.force, resume=cfg.resume, recipe=recipe, writer=is_main_process()).checkpoint
+    if cfg.resume and not cfg.force:
         if ckpt is None:
             print(f"lorakit: resume=true but {out} has no checkpoint yet; starting from the beginning", flush=True)
         else:
             print(f"lorakit: resuming from {ckpt}", flush=True)
-        trim_metrics(out, ckpt)
-        return out, ckpt
-    check_writable(out, cfg.force)
-    if ckpt is not None and not cfg.force:
-        raise LorakitError(f"{out}: holds checkpoints of an unfinished run; pass resume=true to continue it "
-                           "or force=true to start over")
-    if cfg.force and out.exists() and is_main_process():  # DDP's first broadcast waits for rank 0 to get past this
-        import shutil
-
-        for name in (CHECKPOINTS, "metrics.jsonl", "run.json"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return out, None
+            trim_metrics(out, ckpt)
+    return out, ckpt
 
 
 def open_run(cfg):
@@ -74,39 +61,6 @@ def open_run(cfg):
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     return out, ckpt, base, tokenizer, resolve(cfg.template, tokenizer)
-
-
-def probe_writable(out: Path) -> None:
-    """Fail now, not after hours of training, if `out` cannot be written; leave no directory behind."""
-    created = [p for p in [out, *out.parents] if not p.exists()]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise LorakitError(f"{out}: output_dir is not writable ({e.strerror})") from None
-    finally:
-        for p in created:  # deepest first
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-
-
-def newest_checkpoint(out: Path) -> Optional[str]:
-    """The newest complete checkpoint. The trainer writes trainer_state.json after the weights, optimizer and RNG
-    states, so a checkpoint whose state file is missing or unparsable was cut off (e.g. by kill -9) and is skipped."""
-    d = Path(out) / CHECKPOINTS
-    if not d.is_dir():
-        return None
-    done = []
-    for p in d.glob("checkpoint-*"):
-        try:
-            step = json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if str(step) == p.name[len("checkpoint-"):]:
-            done.append((step, p))
-    return str(max(done)[1]) if done else None
 
 
 def run_trainer(trainer, checkpoint: Optional[str]) -> None:
@@ -334,6 +288,7 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trai
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     info.setdefault("base_signature", signature(base.config))
     write_json(out / "run.json", run_info(stage, base_model, seed=cfg.seed, **info))
+    finish(out)
     wait_for_everyone()
     return out
 
