@@ -1,5 +1,5 @@
 """Output directories: the contract every command writes (run.json, recipe.yaml) and atomic, refuse-to-overwrite
-writing.
+writing, and RunDir: what a training run may do to its output_dir.
 
 An output is built in a hidden temporary sibling and renamed into place, so an interrupted command never leaves a
 directory that looks complete. `run.json` is what downstream commands read (base model, new token ids, stage).
@@ -58,7 +58,7 @@ def check_writable(path: Path, force: bool, what: str = "output") -> None:
 
 # ---------------------------------------------------------------------------------------------------- training runs
 # What a training run writes at the top of its output_dir (fnmatch patterns); `force` moves only these aside, and
-# inside checkpoints/ only checkpoint-N. Anything else is the user's and stays where it is.
+# inside checkpoints/ only checkpoint-N. Anything else (the user's, the pipeline's stage.json and eval.json) stays.
 CHECKPOINTS = "checkpoints"
 LOCK = ".lorakit.lock"
 PREVIOUS = ".lorakit-previous"
@@ -66,7 +66,7 @@ SUBRUNS = ("phase1", "phase2")  # pretrain's phases: runs of their own inside th
 OWNED = ("run.json", "recipe.yaml", "metrics.jsonl", "loss.png", "samples.jsonl", "README.md", "adapter_config.json",
          "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
          "special_tokens_map.json", "added_tokens.json",
-         "chat_template.jinja", "vocab.json", "merges.txt", "value", "logs", "stage.json", "eval.json", CHECKPOINTS,
+         "chat_template.jinja", "vocab.json", "merges.txt", "value", "logs", CHECKPOINTS,
          *SUBRUNS)
 OWNED_TEMPS = (".*.tmp", ".*.tmp.*", ".value-tmp", ".write-test-*", *(f".{p}.*" for p in OWNED))  # half-written
 IN_CHECKPOINTS = ("checkpoint-*", ".tmp-checkpoint-*")
