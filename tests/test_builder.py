@@ -50,14 +50,25 @@ def run_stage(stage: str, model, tmp_path: Path, out: Path, text: Path) -> int:
 STAGES = ["sft", "pretrain", "rm", "dpo", "ppo", "grpo"]
 
 
+# What every output holds (README's output contract), and what each stage adds
+OUTPUT = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+          "chat_template.jinja", "recipe.yaml", "run.json", "metrics.jsonl", "loss.png", "README.md"}
+FILES = {"sft": OUTPUT | {"checkpoints"}, "pretrain": OUTPUT - {"README.md"} | {"phase1", "phase2"},
+         "rm": OUTPUT | {"checkpoints"}, "dpo": OUTPUT | {"checkpoints"}, "ppo": OUTPUT | {"value"},
+         "grpo": OUTPUT | {"checkpoints"}}  # (pretrain assembles its root from the phases: no model card)
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_every_stage_records_the_new_token_ids(stage, ext_tied, corpus, tmp_path):
-    """README's output contract: run.json lists the base's new token ids (merge builds its probe batch from them)."""
-    model_dir, new_ids = ext_tied
+@pytest.mark.parametrize("base", ["ext_tied", "ext_untied"])
+def test_every_stage_records_the_new_token_ids(stage, base, request, corpus, tmp_path):
+    """README's output contract: run.json lists the base's new token ids (merge builds its probe batch from them), and
+    the output holds exactly the files the contract names."""
+    model_dir, new_ids = request.getfixturevalue(base)
     out = tmp_path / "out"
     assert run_stage(stage, model_dir, tmp_path, out, corpus) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["stage"] == stage and run["new_token_ids"] == new_ids
+    assert {f.name for f in out.iterdir()} == FILES[stage]
 
 
 def test_sft_on_an_untied_extended_base_trains_the_new_head_rows(ext_untied, tmp_path):
