@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -38,8 +39,10 @@ def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
         from lora_kit.training.launch import relaunch
 
         return relaunch(args.nproc, [cmd.name, *argv])
-    try:
-        with closing_runs():  # a failed run's output_dir is put back as it was; its lock released
+    from lora_kit.training.interrupt import handled
+
+    try:  # a failed run's output_dir is put back as it was, its lock released; SIGINT/SIGTERM during training:
+        with closing_runs(), handled():  # checkpoint at the step boundary, then Interrupted (training/interrupt.py)
             out = module.run(config, dry_run=args.dry_run) if args.dry_run else module.run(config)
     except AlreadyComplete as e:
         print(f"lorakit {cmd.name}: {e}")
@@ -66,6 +69,16 @@ def write_failure(e: Optional[BaseException]) -> Optional[str]:
     if any(w in text for w in WRITER_ERRORS for text in chain):
         return "could not write a file (is the disk full?)"
     return None
+
+
+def interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
+    """The line for a run stopped by a signal: where its checkpoint is and the command that continues it."""
+    name = str(e) or "SIGINT"
+    checkpoint = getattr(e, "checkpoint", None)
+    if checkpoint is None:
+        return f"interrupted ({name})"
+    again = shlex.join(["lorakit", *[a for a in argv if not a.startswith("resume=")], "resume=true"])
+    return f"stopped by {name}; checkpoint saved: {checkpoint}; continue with: {again}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -107,9 +120,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lorakit {cmd.name}: error: {reason}; free some space and run the command again "
               "(training: with resume=true)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"lorakit {cmd.name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or training.interrupt.Interrupted (not imported here: it loads torch)
+        print(f"lorakit {cmd.name}: {interrupted(e, argv)}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from lora_kit.models.load import device, load_tokenizer, resolve_model, signatur
 from lora_kit.recipe import dump_yaml
 from lora_kit.rundir import CHECKPOINTS, RunDir, finish, newest_checkpoint, run_info, write_json, write_text
 from lora_kit.templates import resolve
+from lora_kit.training.interrupt import StopCallback
 
 
 def is_main_process() -> bool:
@@ -209,12 +210,14 @@ def final_eval(trainer, key: str) -> dict:
 
 
 def install_callbacks(trainer, out: Path, phase: Optional[str] = None, desc: str = "train") -> MetricsCallback:
-    """Replace the trainer's default printer and progress bar with lorakit's metrics.jsonl writer and bar."""
+    """Replace the trainer's default printer and progress bar with lorakit's metrics.jsonl writer and bar, and stop
+    at a step boundary with a checkpoint on SIGINT/SIGTERM (interrupt.py)."""
     trainer.remove_callback(HFProgress)
     trainer.remove_callback(PrinterCallback)
     metrics = MetricsCallback(out, phase)
     trainer.add_callback(metrics)
     trainer.add_callback(ProgressCallback(metrics, desc))
+    trainer.add_callback(StopCallback())
     return metrics
 
 

@@ -37,6 +37,7 @@ from lora_kit.stages.ppo import core as ppo_core
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
 from lora_kit.stages.ppo.roles import Roles
 from lora_kit.templates import encode, prompt_ids
+from lora_kit.training import interrupt
 from lora_kit.training.rewards import load_reward_fn
 from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run, wait_for_everyone
 
@@ -351,6 +352,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True,
                disable=not is_main_process())
+    interrupt.arm()  # SIGINT/SIGTERM: checkpoint after the current step, then stop (interrupt.py)
     while step < cfg.max_steps:  # data position = f(step); rank r takes the r-th slice of each global batch
         epoch, offset = divmod(step * cfg.batch_size * world, len(train))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
@@ -366,8 +368,12 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
             log(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", refresh=False)
+        if interrupt.requested() is not None:
+            bar.close()
+            interrupt.stop(str(save_checkpoint(out, step, roles, opt, sched, kl_ctl, moments)))
         if step % cfg.save_steps == 0 and step < cfg.max_steps:
             save_checkpoint(out, step, roles, opt, sched, kl_ctl, moments)
+    interrupt.arm(False)
     bar.close()
     info = {}
     if held:
