@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import resolve_model
+from lora_kit.models.load import check_adapter_files, resolve_model
 from lora_kit.rundir import read_run
 
 PREFIX = "base_model.model."  # how PEFT prefixes every key of the wrapped model in adapter_model.safetensors
@@ -129,8 +129,7 @@ def read_adapter(path) -> Adapter:
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
         raise LorakitError(f"{path}: not an adapter directory (no adapter_config.json)")
-    if not weights.is_file():
-        raise LorakitError(f"{weights}: missing (lorakit reads safetensors adapters only)")
+    check_adapter_files(path)
     config = json.loads(cfg_file.read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA":
         raise LorakitError(f"{cfg_file}: field 'peft_type' is {config.get('peft_type')}; only LORA adapters merge")

@@ -205,6 +205,8 @@ def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, d
     """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
     if not model and not adapter:
         raise LorakitError("give --model and/or --adapter")
+    if adapter:
+        check_adapter_files(adapter)
     base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
     tok_source, template = adapter_tokenizer_template(adapter, base)
     tokenizer = load_tokenizer(tok_source, trust_remote_code)
@@ -242,3 +244,49 @@ def check_adapter_fits(adapter: str, model) -> None:
             raise LorakitError(f"{adapter}: adapter was trained on a base with {key}={want[key]}, but this model has "
                                f"{key}={have[key]}; pass the base it was trained on (run.json base_model: "
                                f"{read_run(Path(adapter)).get('base_model')})")
+
+
+# ---------------------------------------------------------------------------------------------------- untrusted files
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+NEVER_LOADED = ("training_args.bin",)  # the Trainer's record of its arguments beside a checkpoint; nothing reads it
+
+
+def check_adapter_files(adapter) -> None:
+    """Every command that reads an adapter asks here first: a local adapter directory must hold its weights as
+    adapter_model.safetensors; pickled weights (adapter_model.bin, which peft would load) are refused in one line.
+    (merge and svd read the factors themselves, the others through peft.)"""
+    p = Path(adapter)
+    if not p.is_dir() or (p / ADAPTER_WEIGHTS).is_file():
+        return  # a hub id (peft fetches safetensors first), or a safe adapter
+    pickled = [f for f in sorted(p.glob("adapter_model.*")) if f.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise LorakitError(f"{pickled[0]}: pickled adapter weights refused (lorakit reads safetensors adapters only; "
+                           f"convert it to {ADAPTER_WEIGHTS} if you trust it)")
+    raise LorakitError(f"{p / ADAPTER_WEIGHTS}: missing (lorakit reads safetensors adapters only)")
+
+
+def check_checkpoint(checkpoint) -> None:
+    """Before a checkpoint is resumed: every pickled file in it (optimizer, scheduler, RNG states, PPO's state.pt)
+    must load with torch.load(weights_only=True) and the Trainer's numpy allowlist, as the Trainer and PPO load them.
+    One that holds anything else (a payload that would run code) is refused in one line naming it, instead of the
+    library's traceback on resume."""
+    import pickle
+    import re
+    import warnings
+    import zipfile
+
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer allows in rng_state.pth
+
+    for f in sorted(Path(checkpoint).iterdir()):
+        if f.suffix not in PICKLE_SUFFIXES or f.name in NEVER_LOADED or not f.is_file():
+            continue
+        try:
+            with warnings.catch_warnings(), safe_globals():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: noise before the one line
+                torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+            wanted = re.search(r"GLOBAL (\S+)", str(e))
+            why = f"it asks for {wanted.group(1)}" if wanted else "it holds more than tensors or is damaged"
+            raise LorakitError(f"{f}: refused: not loadable with torch.load(weights_only=True) ({why}); delete "
+                               f"{Path(checkpoint).name} to resume from an earlier checkpoint") from None

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 
-from lora_kit.models.load import sharded_by_fsdp
+from lora_kit.models.load import check_adapter_files, sharded_by_fsdp
 
 
 def freeze_base(model, gradient_checkpointing: bool = False):
@@ -69,6 +69,7 @@ def lora_config(lora, task_type: str = "CAUSAL_LM", *, dropout: Optional[float] 
 
 def continue_lora(model, adapter_dir: str, gradient_checkpointing: bool = False):
     """Load a trained adapter (e.g. `lorakit sft`'s output) onto `model` as the trainable adapter `default`."""
+    check_adapter_files(adapter_dir)
     model = freeze_base(model, gradient_checkpointing)
     return _train_in_fp32(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True))
 

@@ -20,6 +20,7 @@ from lora_kit.errors import LorakitError
 from lora_kit.models.load import (
     adapter_base,
     adapter_tokenizer_template,
+    check_adapter_files,
     check_adapter_fits,
     check_vocab,
     load_model,
@@ -57,6 +58,7 @@ def _attach(net, adapter_dir: str, name: str):
     """Load one more adapter onto a base (the first turns it into a PeftModel)."""
     from peft import PeftModel  # heavy import, only when an adapter is served
 
+    check_adapter_files(adapter_dir)
     check_adapter_fits(adapter_dir, net.get_base_model() if isinstance(net, PeftModel) else net)
     if isinstance(net, PeftModel):
         net.load_adapter(adapter_dir, adapter_name=name)

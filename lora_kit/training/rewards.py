@@ -19,6 +19,7 @@ from lora_kit.errors import LorakitError
 from lora_kit.evaluate.scores import normalise as answer_text  # compared as `lorakit eval` compares answers
 from lora_kit.evaluate.scores import segmentation_prf
 from lora_kit.models.builder import load_base
+from lora_kit.models.load import check_adapter_files
 from lora_kit.templates import encode
 
 SENTIMENT_LABELS = ("正面", "负面")  # the bundled task's answers (data/zh_tasks.py)
@@ -91,6 +92,7 @@ class RewardModel:
         path = Path(adapter_dir)
         if not (path / "adapter_config.json").is_file():
             raise LorakitError(f"{path}: reward_adapter must be the output_dir of `lorakit rm` (adapter_config.json)")
+        check_adapter_files(path)
         model = load_base(cfg, base, tokenizer, AutoModelForSequenceClassification, num_labels=1,
                           pad_token_id=tokenizer.pad_token_id)
         self.model = PeftModel.from_pretrained(model, str(path)).eval().requires_grad_(False)

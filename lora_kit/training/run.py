@@ -25,7 +25,7 @@ from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback as HFProgress
 
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import device, load_tokenizer, resolve_model, signature
+from lora_kit.models.load import check_checkpoint, device, load_tokenizer, resolve_model, signature
 from lora_kit.recipe import dump_yaml
 from lora_kit.rundir import CHECKPOINTS, RunDir, finish, newest_checkpoint, run_info, write_json, write_text
 from lora_kit.templates import resolve
@@ -69,6 +69,8 @@ def run_trainer(trainer, checkpoint: Optional[str]) -> None:
     max_steps (killed after the last checkpoint, before the final save) already holds the result: the Trainer would
     resume mid-epoch and take one more step (it checks max_steps only after a step), so its weights and state are
     loaded instead. Under DeepSpeed or FSDP, whose checkpoints only their engine reads, the Trainer resumes as usual."""
+    if checkpoint:
+        check_checkpoint(checkpoint)
     sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
     if checkpoint and not sharded:
         state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))

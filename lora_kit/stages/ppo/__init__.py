@@ -29,7 +29,7 @@ from lora_kit.data.pairs import read_prompts
 from lora_kit.data.records import Collator, conversations, read_records, split_eval, tokenize_conversations
 from lora_kit.errors import LorakitError
 from lora_kit.models.builder import build
-from lora_kit.models.load import compute_dtype
+from lora_kit.models.load import check_checkpoint, compute_dtype
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.rundir import write_text
@@ -249,6 +249,7 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
     """Every rank reads the checkpoint, and its own RNG state: resume at the world size that wrote it."""
 
 
+    check_checkpoint(ckpt)
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     rank, size = world()
     if meta.get("world_size", 1) != size:  # the data position and each rank's sampling RNG belong to that world size

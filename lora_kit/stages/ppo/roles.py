@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import check_adapter_files
 from lora_kit.models.lora import lora_config
 from lora_kit.stages.ppo.core import all_sum, world
 
@@ -26,6 +27,7 @@ def _adapter_dir(path: str, what: str) -> Path:
     if not (p / "adapter_config.json").is_file():
         raise LorakitError(f"{p}: {what} must be an adapter directory (with adapter_config.json), "
                            f"e.g. the output_dir of `lorakit {'rm' if what == 'reward_adapter' else 'sft'}`")
+    check_adapter_files(p)
     return p
 
 
