@@ -101,3 +101,13 @@ def test_vllm_plan_converts_rows_adapters_and_refuses_what_one_engine_cannot_ser
         plan(str(tiny_model_dir), {"a": str(a), "zh": str(zh)}, cache=tmp_path / "cache")
     with pytest.raises(LorakitError, match="one chat template.*tokenizer's own: a; chatml: b"):
         plan(str(tiny_model_dir), {"a": str(a), "b": str(b)}, cache=tmp_path / "cache")
+
+
+def test_vllm_plan_refuses_a_pickled_adapter(tiny_model_dir, tmp_path):
+    from lora_kit.errors import LorakitError
+    from lora_kit.serve.vllm import plan
+
+    a = build_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    (a / "adapter_model.safetensors").rename(a / "adapter_model.bin")
+    with pytest.raises(LorakitError, match="pickled adapter weights refused"):
+        plan(str(tiny_model_dir), {"a": str(a)}, cache=tmp_path / "cache")

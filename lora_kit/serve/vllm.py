@@ -27,7 +27,13 @@ from safetensors import safe_open
 from lora_kit.errors import LorakitError
 from lora_kit.export import merge
 from lora_kit.models.embedded import lorakit_home
-from lora_kit.models.load import adapter_base, adapter_tokenizer_template, load_tokenizer, resolve_model
+from lora_kit.models.load import (
+    adapter_base,
+    adapter_tokenizer_template,
+    check_adapter_files,
+    load_tokenizer,
+    resolve_model,
+)
 from lora_kit.templates import TEMPLATES, as_chat_template, resolve
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
@@ -109,6 +115,7 @@ def plan(model: str, adapters: dict[str, str], *, base_name: Optional[str] = Non
         ap = Path(path)
         if not (ap / "adapter_config.json").is_file():
             raise LorakitError(f"--adapter {name}={path}: not an adapter directory (no adapter_config.json)")
+        check_adapter_files(ap)  # vLLM would torch.load a pickled adapter_model.bin
         refused = unservable_weights(ap)
         if refused:
             split = split_rows(name, ap, cache)
