@@ -180,6 +180,36 @@ def test_kill_in_the_middle_of_a_stage_then_rerun_equals_uninterrupted(finished,
     assert_same_tensors(done / pretrain, out / pretrain)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_pipeline_stops_its_stage_with_a_checkpoint(signum, finished, tmp_path, capsys):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) to the pipeline reaches its stage once: the stage stops at a step
+    boundary with a checkpoint past the last periodic one, the pipeline exits 128 + signal, and the rerun resumes
+    from that checkpoint to the uninterrupted result (it used to kill the stage, losing the steps since)."""
+    path, done = finished
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a non-interactive parent ignores SIGINT
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "pipeline", "--recipe", str(path),
+                             f"output_dir={out}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=restore)
+    metrics = out / "3-sft" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.is_file() or sum('"loss"' in line for line in metrics.read_text().splitlines()) < 3):
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "3-sft: stopped by" in err
+    steps = [int(p.name.split("-")[1]) for p in (out / "3-sft" / "checkpoints").glob("checkpoint-*")]
+    assert max(steps) >= 3, steps  # saved at the stop (periodic saves: every 2 steps)
+    assert state(out, "3-sft")["status"] == "running" and not (out / "3-sft" / "run.json").exists()
+    capsys.readouterr()
+    assert main(["pipeline", "--recipe", str(path), f"output_dir={out}"]) == 0
+    assert "3-sft: resuming" in capsys.readouterr().out
+    assert_same_tensors(done / SFT_ADAPTER, out / SFT_ADAPTER)
+
+
 @pytest.mark.parametrize("stages,needle", [
     ([{"extend-vocab": {}}, {"pretrian": {}}],
      ("stage 2 'pretrian' is not a pipeline stage", "did you mean 'pretrain'")),

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,7 @@ from lora_kit.pipeline.plan import (
 )
 from lora_kit.pipeline.report import write_report
 from lora_kit.rundir import is_finished, write_json
+from lora_kit.training.interrupt import NAMES, Interrupted
 
 STATE = "stage.json"
 PLAN_FILE = "pipeline.json"
@@ -177,8 +179,10 @@ def run_stage(plan: Plan, stage: Stage, resume: bool) -> None:
     print(f"lorakit pipeline: {stage.label}: done in {seconds:.0f} s (peak {peak:.0f} MiB)", flush=True)
 
 
-def _die_with_parent() -> None:
-    """In the child: be killed when the pipeline process dies (kill -9 of the pipeline stops its stage too)."""
+def _own_group_dying_with_parent() -> None:
+    """In the child: its own process group, so a terminal's Ctrl-C reaches the pipeline only (which passes it on
+    once); and killed when the pipeline process dies (kill -9 of the pipeline stops its stage too)."""
+    os.setpgid(0, 0)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -186,15 +190,39 @@ def _die_with_parent() -> None:
 
 
 def run_command(argv: list[str], label: str) -> float:
-    """Run `lorakit ARGV` in a child process; return its peak resident memory in MiB, or raise naming the stage."""
-    proc = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", *argv], preexec_fn=_die_with_parent)
+    """Run `lorakit ARGV` in a child process; return its peak resident memory in MiB, or raise naming the stage.
+    SIGINT/SIGTERM to the pipeline go to the stage once, which stops at its next step boundary with a checkpoint (a
+    rerun of the pipeline resumes from it); a second signal kills the stage at once."""
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", *argv], preexec_fn=_own_group_dying_with_parent)
+    stopped: list[int] = []
+
+    def forward(signum, frame):
+        if stopped:
+            proc.kill()
+        else:
+            stopped.append(signum)
+            proc.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    for s, h in old.items():
+        if h is not signal.SIG_IGN:
+            signal.signal(s, forward)
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except KeyboardInterrupt:
+        _, status, usage = os.wait4(proc.pid, 0)  # retried after each handled signal (PEP 475)
+    except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if stopped:
+        print(f"lorakit pipeline: {label}: stopped by {NAMES[stopped[0]]} (lorakit {argv[0]} exited with "
+              f"{proc.returncode}); run the same command again to continue from its checkpoint", file=sys.stderr,
+              flush=True)
+        raise Interrupted(stopped[0])
     if proc.returncode != 0:
         raise LorakitError(f"stage {label} failed (lorakit {argv[0]} exited with {proc.returncode}; its error is "
                            "above); fix it and run the same command again to continue from there")
