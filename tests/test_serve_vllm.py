@@ -78,13 +78,43 @@ def serve(args: list[str], log: Path):
     return proc, port
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process under `pid` (children, theirs, ...), read from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def stop(proc, port) -> None:
-    """SIGTERM to lorakit: it exits 0 and no process of vLLM's server (matched by its port) is left."""
+    """SIGTERM to lorakit: it exits 0 and none of the processes under it (vLLM's server, engine core, workers) is
+    left."""
+    tree = descendants(proc.pid)
+    assert len(tree) >= 2, tree  # the server and at least its engine process
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
-    assert not left, f"vLLM processes left after SIGTERM: {left}"
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p) for p in tree):
+        time.sleep(0.2)
+    assert not [p for p in tree if alive(p)], "vLLM processes left after SIGTERM"
 
 
 def answer(port, model) -> tuple[list[int], list[int]]:
