@@ -3,8 +3,8 @@
 lorakit does what vLLM cannot do for itself with a lorakit run: it checks every adapter before the engine sees it
 (vLLM refuses trained token rows and saved modules only at the first request, and that error kills the engine), splits
 such an adapter into a base holding its rows plus a LoRA-only adapter (`lorakit merge --rows-only`, cached), passes the
-adapters' training template as a Jinja chat template, and stops vLLM's whole process tree on SIGTERM/SIGINT (its server
-leaves worker processes behind when only the main process is signalled). Generation, batching and the HTTP API are
+adapters' training template as a Jinja chat template, and stops vLLM's whole process group on SIGTERM/SIGINT (some
+vLLM versions left workers behind when only the main process was signalled). Generation, batching and the HTTP API are
 vLLM's. vLLM lives in its own environment when it pins other library versions: `--vllm-python` names its interpreter.
 """
 from __future__ import annotations
