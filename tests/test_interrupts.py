@@ -16,19 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_kit.cli import main
 from test_kill_resume import (  # noqa: F401  (inputs and uninterrupted are fixtures)
     STAGES,
+    assert_same_run,
     cli,
     inputs,
     logged_steps,
     rng_for,
-    same_metrics,
     subprocess_env,
     uninterrupted,
-    weights,
 )
 
 pytestmark = pytest.mark.slow
@@ -104,13 +102,7 @@ def test_signal_stops_at_a_step_with_a_checkpoint_and_resume_equals_uninterrupte
     capsys.readouterr()
     assert main(stage.argv(inputs, part) + ["resume=true"]) == 0, capsys.readouterr().err[-1500:]
     assert f"resuming from {ckpt}\n" in capsys.readouterr().out, f"{where}: not resumed from the step reached"
-    a, b = weights(full), weights(part)
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert a[f].keys() == b[f].keys(), f
-        for k in a[f]:
-            assert torch.equal(a[f][k], b[f][k]), f"{where}: {f} {k} differs"
-    assert same_metrics(full, part), f"{where}: metrics.jsonl differ (a step lost or repeated)"
+    assert_same_run(full, part, where)
 
 
 def test_second_ctrl_c_aborts_at_once(inputs, tmp_path):

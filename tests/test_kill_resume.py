@@ -169,6 +169,17 @@ def same_metrics(full: Path, part: Path) -> bool:
     return strip(a) == strip(b) and all(n <= summaries(a).get(k, 0) for k, n in summaries(b).items())
 
 
+def assert_same_run(full: Path, part: Path, where: str) -> None:
+    """The resumed run's weights bit for bit and its metrics row for row are the uninterrupted run's."""
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys() and a
+    for f in a:
+        assert a[f].keys() == b[f].keys(), f
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), f"{where}: {f} {k} differs"
+    assert same_metrics(full, part), f"{where}: metrics.jsonl differ (a step lost or repeated)"
+
+
 # Besides a random point per stage, the moments that broke resume once: phase 2 before its first checkpoint (its LoRA
 # init depended on phase 1 having run in the same process), after the last checkpoint (pretrain skipped loading it; the
 # trainer's summary row was logged twice; sft and grpo, resumed mid-epoch, stepped past max_steps), PPO before its
@@ -221,13 +232,7 @@ def test_sigkill_then_resume_equals_uninterrupted(case, inputs, uninterrupted, t
 
     capsys.readouterr()
     assert main(stage.argv(inputs, part) + ["resume=true"]) == 0, capsys.readouterr().err[-1500:]
-    a, b = weights(full), weights(part)
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert a[f].keys() == b[f].keys(), f
-        for k in a[f]:
-            assert torch.equal(a[f][k], b[f][k]), f"killed at {where}: {f} {k} differs"
-    assert same_metrics(full, part), f"killed at {where}: metrics.jsonl differ"
+    assert_same_run(full, part, f"killed at {where}")
 
 
 def test_resume_without_checkpoint_or_after_finish(tiny_model_dir, tmp_path, capsys):
