@@ -120,10 +120,15 @@ def fsdp_plugin(name: str):
 
     args, env = launch_env(ROOT / "configs" / "accelerate" / f"{name}.yaml")
     assert args.use_fsdp and env["ACCELERATE_USE_FSDP"] == "true"
-    # sync_module_states asks for the current GPU; there is none here
-    with mock.patch.dict(os.environ, env), mock.patch("accelerate.utils.dataclasses.is_cuda_available",
-                                                      return_value=True), \
-            mock.patch("torch.cuda.current_device", return_value=0):
+    # sync_module_states asks for the current GPU; there is none here. accelerate 1.16 asks
+    # get_torch_accelerator_backend, earlier releases is_cuda_available: pretend a CUDA device through either.
+    import accelerate.utils.dataclasses as acc
+
+    if hasattr(acc, "get_torch_accelerator_backend"):
+        gpu = mock.patch.object(acc, "get_torch_accelerator_backend", return_value=("cuda", torch.cuda))
+    else:
+        gpu = mock.patch.object(acc, "is_cuda_available", return_value=True)
+    with mock.patch.dict(os.environ, env), gpu, mock.patch("torch.cuda.current_device", return_value=0):
         return FullyShardedDataParallelPlugin(), env
 
 
