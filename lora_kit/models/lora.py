@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+from peft.utils.other import TrainableTokensWrapper
 
 from lora_kit.models.load import check_adapter_files, sharded_by_fsdp
 
@@ -32,10 +33,16 @@ def freeze_base(model, gradient_checkpointing: bool = False):
 
 def _train_in_fp32(model):
     """Trainable parameters (adapters, embedding rows, saved heads) as fp32 master weights whatever the base dtype:
-    AdamW updates of a bf16 weight round away."""
+    AdamW updates of a bf16 weight round away. Also lets a head with trainable token rows say it has no bias."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    for m in model.modules():
+        # peft's wrapper answers `.weight` (the rows merged in) but not `.bias` while an adapter is active, and TRL's
+        # fused LM head (DPO, GRPO) reads both from get_output_embeddings(): a bias-free head says it has none
+        if isinstance(m, TrainableTokensWrapper) and isinstance(m.original_module, torch.nn.Linear) \
+                and m.original_module.bias is None:
+            m.bias = None
     return model
 
 

@@ -17,7 +17,6 @@ from lora_kit.errors import LorakitError
 from lora_kit.evaluate.preference import pairwise_accuracy
 from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
-from lora_kit.models.lora import freeze_base, lora_config
 from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.templates import segments
 from lora_kit.training.run import (
@@ -134,11 +133,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     print(f"lorakit dpo: {cfg.data}: {described}", flush=True)
 
     dtype = compute_dtype(cfg.dtype)
-    built = build(cfg, base, tokenizer, adapter="none")  # TRL attaches the LoRA (peft_config) to its own model
+    built = build(cfg, base, tokenizer)  # a ready LoRA model: TRL's reference is the base with the adapter disabled
     model = built.model
-    if cfg.quantization != "none":
-        model = freeze_base(model, cfg.gradient_checkpointing)
-    peft_config = lora_config(cfg.lora)
     trainer_class, args_class, loss_args = trainer_setup(cfg, loss_type)
     keys = ", ".join(f"{k}={v}" for k, v in loss_args.items() if k not in ("truncation_mode", "label_smoothing"))
     print(f"lorakit dpo: {base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}), LoRA r={cfg.lora.r} on "
@@ -156,7 +152,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         eval_steps=cfg.save_steps if pairwise else None, per_device_eval_batch_size=cfg.batch_size, **loss_args)
     trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
                             eval_dataset=datasets.Dataset.from_list(held) if pairwise else None,
-                            processing_class=tokenizer, peft_config=peft_config)
+                            processing_class=tokenizer)
     install_callbacks(trainer, out, desc=cfg.loss)
     run_trainer(trainer, ckpt)
     info = {"loss": cfg.loss, "training_rows": len(train), "held_out_pairs": len(held)}

@@ -188,11 +188,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
     run_trainer(trainer, ckpt)
-    policy = trainer.model
-    if "ref" in getattr(policy, "peft_config", {}):
-        policy.delete_adapter("ref")  # the frozen reference copy; the output holds the trained adapter only
     info = {"prompts": len(train), "held_out_prompts": len(held)}
     if held_eval and held_eval.last:
         info.update({k.replace("eval_reward", "held_out_reward"): v for k, v in held_eval.last.items() if k != "step"})
-    return save_run(out, policy, tokenizer, cfg, "grpo", base, trainer=trainer, new_token_ids=built.new_token_ids,
-                    **info)
+    return save_run(out, trainer.model, tokenizer, cfg, "grpo", base, trainer=trainer,
+                    new_token_ids=built.new_token_ids, **info)

@@ -22,16 +22,15 @@ from lora_kit.errors import LorakitError
 from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
 from lora_kit.models.lora import count_parameters
-from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, section
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import install_callbacks, open_run, run_trainer, save_run, training_arguments
 
 
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
-    """The `lorakit sft` recipe: model, data, training and LoRA sections, and whether new token rows train."""
+    """The `lorakit sft` recipe: model, data, training and LoRA sections."""
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
-    train_new_tokens: bool = arg(True, "also train the embedding rows a vocab-extended base marks as new")
 
 
 def prepare_data(cfg, tokenizer, template):
@@ -80,7 +79,7 @@ def setup(cfg: Config, dry_run: bool = False) -> Optional[PreparedRun]:
           + f"; padding {stats.extra['padding']:.2%} of processed tokens (length-grouped batches)")
 
     dtype = compute_dtype(cfg.dtype)
-    built = build(cfg, base, tokenizer, train_new_tokens=cfg.train_new_tokens)
+    built = build(cfg, base, tokenizer)
     model, new_ids = built.model, built.new_token_ids
     model.config.use_cache = False  # training needs no KV cache (and a cache disables packed-sequence masking)
     trainable, total = count_parameters(model)

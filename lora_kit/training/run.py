@@ -284,7 +284,10 @@ def save_run(out: Path, model, tokenizer, cfg, stage: str, base_model: str, trai
         wait_for_everyone()
         return out
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    kw = {"state_dict": state_dict} if state_dict else {}
+    if "ref" in getattr(model, "peft_config", {}):  # TRL's frozen copy of the starting adapter (DPO, GRPO): not kept
+        kw["selected_adapters"] = ["default"]
+    model.save_pretrained(out, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))

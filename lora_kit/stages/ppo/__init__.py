@@ -310,7 +310,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if cfg.gradient_checkpointing:
         say("gradient_checkpointing is not used by PPO (the model runs in eval mode, no dropout)")
     roles = Roles(model, cfg.lora, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter,
-                  value_from_reward=cfg.value_from_reward)
+                  value_from_reward=cfg.value_from_reward, token_rows=built.token_rows)
     roles.broadcast_trainable()
     if rank:  # identical weights, but each rank samples its own responses
         torch.manual_seed(cfg.seed + rank)

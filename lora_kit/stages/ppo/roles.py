@@ -43,14 +43,17 @@ def score_head_state(adapter_dir: Path) -> dict:
 class Roles:
     """Forward passes for each role; `trainable` lists the parameters PPO optimises (actor + critic)."""
 
-    def __init__(self, base_model, lora, *, sft_adapter: str = "", reward_adapter: str = "", value_from_reward=True):
+    def __init__(self, base_model, lora, *, sft_adapter: str = "", reward_adapter: str = "", value_from_reward=True,
+                 token_rows: Optional[dict[str, list[int]]] = None):
+        """`token_rows`: new token rows a fresh actor trains ({module: rows}); an SFT adapter brings its own."""
         hidden = base_model.config.hidden_size
         if sft_adapter:
             sft = _adapter_dir(sft_adapter, "sft_adapter")
             self.model = PeftModel.from_pretrained(base_model, str(sft), adapter_name="default", is_trainable=True)
             self.model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
         else:
-            self.model = get_peft_model(base_model, lora_config(lora, dropout=0.0), adapter_name="default")
+            self.model = get_peft_model(base_model, lora_config(lora, dropout=0.0, trainable_token_indices=token_rows),
+                                        adapter_name="default")
         self.has_ref_adapter = bool(sft_adapter)
         self.value_head = nn.Linear(hidden, 1)
         self.score_head: Optional[nn.Linear] = None
@@ -67,7 +70,8 @@ class Roles:
                 self.value_head.weight.copy_(self.score_head.weight)
                 self.value_head.bias.copy_(self.score_head.bias if self.score_head.bias is not None else 0)
         else:
-            self.model.add_adapter("value", lora_config(lora, dropout=0.0))
+            actor_rows = self.model.peft_config["default"].trainable_token_indices  # the critic reads tokens alike
+            self.model.add_adapter("value", lora_config(lora, dropout=0.0, trainable_token_indices=actor_rows))
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch
@@ -76,12 +80,24 @@ class Roles:
         self.value_head.to(self.device)  # the heads live beside the model (load_model put it on the GPU, if any)
         if self.score_head is not None:
             self.score_head.to(self.device)
-        names = ("default", "value")
         self.named_trainable = {n: p for n, p in self.model.named_parameters()
-                                if any(f".{a}." in n for a in names) and ("lora_" in n or "modules_to_save" in n
-                                                                          or "trainable_tokens" in n)}
+                                if {"default", "value"} & set(n.split(".")) and ("lora_" in n or "modules_to_save" in n
+                                                                                or "trainable_tokens" in n)}
+        self._check_token_rows(sft_adapter, reward_adapter if value_from_reward else "")
         self.named_trainable.update({f"value_head.{k}": p for k, p in self.value_head.named_parameters()})
         self._use("default")
+
+    def _check_token_rows(self, sft_adapter: str, value_source: str) -> None:
+        """Actor and critic must both train new token rows if any adapter here has them: peft saves one adapter only
+        when every trainable-token module it wraps knows that adapter."""
+        has = {a: bool(getattr(c, "trainable_token_indices", None)) for a, c in self.model.peft_config.items()}
+        if any(has.values()) and not (has["default"] and has["value"]):
+            source = {"default": sft_adapter or "the fresh actor", "value": value_source or "the fresh critic",
+                      "reward": "the reward model", "ref": sft_adapter}
+            yes = sorted({source[a] for a, v in has.items() if v})
+            no = sorted({source[a] for a, v in has.items() if not v})
+            raise LorakitError(f"new token rows are trained in {', '.join(yes)} but not in {', '.join(no)}: train the "
+                               f"sft and reward adapters with the same train_new_tokens")
 
     @property
     def device(self) -> torch.device:
@@ -98,22 +114,24 @@ class Roles:
         for p in self.model.parameters():
             p.requires_grad_(id(p) in keep)
 
-    def _hidden(self, adapter: Optional[str], ids, mask, positions) -> torch.Tensor:
+    def _hidden(self, adapter: Optional[str], ids, mask, positions, head=None) -> torch.Tensor:
+        """The backbone's last hidden states under `adapter` (None = all disabled), then `head` under the same one: a
+        head with trainable token rows (new rows of an extended vocabulary) follows the active adapter too."""
         ctx = self.model.disable_adapter() if adapter is None else contextlib.nullcontext()
         if adapter is not None:
             self._use(adapter)
         with ctx:
-            return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            h = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            return head(h) if head is not None else h
 
     # ------------------------------------------------------------------------------------------------ roles
     def policy_logits(self, ids, mask, positions, start: int) -> torch.Tensor:
         """Logits predicting tokens ids[:, start:] (the response), from the actor."""
-        h = self._hidden("default", ids, mask, positions)
-        return self.lm_head(h[:, start - 1:-1])
+        return self._hidden("default", ids, mask, positions, lambda h: self.lm_head(h[:, start - 1:-1]))
 
     def ref_logits(self, ids, mask, positions, start: int) -> torch.Tensor:
-        h = self._hidden("ref" if self.has_ref_adapter else None, ids, mask, positions)
-        return self.lm_head(h[:, start - 1:-1])
+        return self._hidden("ref" if self.has_ref_adapter else None, ids, mask, positions,
+                            lambda h: self.lm_head(h[:, start - 1:-1]))
 
     def values(self, ids, mask, positions, start: int) -> torch.Tensor:
         h = self._hidden("value", ids, mask, positions)
