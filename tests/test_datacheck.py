@@ -119,15 +119,41 @@ def test_over_cutoff_counted_with_the_training_template(tiny_model_dir, tmp_path
     code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64")
     assert code == 1 and len(out) == 3  # the problem, the format read, the summary
     assert out[0].startswith(f"{f}:2: ") and out[0].endswith("tokens, over cutoff_len 64 (will be truncated)")
-    # overlong=drop: sft and rm drop such a record, dpo (TRL) truncates it whatever overlong says
-    for stage, fate in ((None, "dropped by rm, truncated by dpo"), ("rm", "will be dropped"),
-                        ("dpo", "will be truncated")):
+    # overlong=drop: every stage drops such a record (records.fit_to_cutoff)
+    for stage in (None, "rm", "dpo"):
         code, out = run_check(capsys, f, "--model", tiny_model_dir, "--cutoff-len", "64", "--overlong", "drop",
                               *(("--for", stage) if stage else ()))
-        assert code == 1 and out[0].endswith(f"tokens, over cutoff_len 64 ({fate})"), out
+        assert code == 1 and out[0].endswith("tokens, over cutoff_len 64 (will be dropped)"), out
     sft_file = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "长" * 80, "output": "好"}])
     code, out = run_check(capsys, sft_file, "--model", tiny_model_dir, "--cutoff-len", "64", "--overlong", "drop")
     assert code == 1 and out[0].endswith("tokens, over cutoff_len 64 (will be dropped)"), out
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
+def test_every_stage_drops_what_data_check_says_it_drops(stage, tiny_model_dir, tmp_path, capsys):
+    """One cutoff rule (records.fit_to_cutoff) in every stage: with overlong=drop, the one record data check finds over
+    cutoff_len is the one record each stage's plan leaves out (--dry-run prints the counts before loading weights)."""
+    long = "长" * 80
+    records = {"sft": [{"instruction": "短", "output": "好"}, {"instruction": "短", "output": "好" * 80},
+                       {"instruction": long, "output": "好"}],
+               "pairs": [{"instruction": "短", "chosen": "好", "rejected": "差"},
+                         {"instruction": "短", "chosen": "好", "rejected": "差" * 80}],
+               "kto": [{"instruction": "短", "completion": "好", "label": True},
+                       {"instruction": "短", "completion": "差" * 80, "label": False}],
+               "prompts": [{"instruction": "短"}, {"instruction": long}, {"instruction": "也短"}]}
+    kind = {"sft": "sft", "kto": "kto", "ppo": "prompts", "grpo": "prompts"}.get(stage, "pairs")
+    data = write_jsonl(tmp_path / "d.jsonl", records[kind][:3 if stage == "sft" else None])
+    code, out = run_check(capsys, data, "--model", tiny_model_dir, "--cutoff-len", "64", "--overlong", "drop")
+    over = [line for line in out if "over cutoff_len 64 (will be dropped)" in line]
+    assert code == 1 and len(over) == (2 if stage == "sft" else 1), out
+    name, extra = ("dpo", ["loss=kto"]) if stage == "kto" else (stage, [])
+    extra += {"ppo": ["reward_fn=ppo_rewards:de_share"], "grpo": ["rewards=han_share:1", "eval_data="]}.get(stage, [])
+    capsys.readouterr()
+    assert main([name, f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'o'}", "cutoff_len=64",
+                 "overlong=drop", "eval_fraction=0", "packing=false", *extra, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    dropped = "2 dropped" if stage == "sft" else "1 dropped as over-long"
+    assert dropped in printed, printed
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "pretrain"])

@@ -111,17 +111,13 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = DataAr
     return len(records), sorted(problems, key=_line)  # lines unreadable as JSON were listed first
 
 
-DROPPING = ("sft", "rm")  # the stages that honour overlong=drop; dpo (TRL), ppo and grpo truncate
-
-
 def over_cutoff_fate(stages: str, overlong: str) -> str:
-    """What training does with a record over cutoff_len, for the stage(s) reading it ("rm, dpo") and `overlong`."""
-    names = [s.strip() for s in stages.split(",")]
-    if overlong != "drop" or not any(s in DROPPING for s in names):
-        return "will be truncated"
-    if all(s in DROPPING for s in names):
+    """What training does with a record over cutoff_len (every stage applies `records.fit_to_cutoff`): dropped with
+    overlong=drop, else truncated; a prompt set (ppo, grpo) keeps each prompt's last tokens."""
+    if overlong == "drop":
         return "will be dropped"
-    return ", ".join(f"{'dropped' if s in DROPPING else 'truncated'} by {s}" for s in names)
+    prompts = all(s.strip() in ("ppo", "grpo") for s in stages.split(","))
+    return "will be truncated to its last cutoff_len tokens" if prompts else "will be truncated"
 
 
 def _line(problem: str) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 from lora_kit.data.corpora import reviews
-from lora_kit.data.records import Record, _alpaca, _text, _turns, check_conversation, read_records
+from lora_kit.data.records import Record, _alpaca, _text, _turns, check_conversation, fit_to_cutoff, read_records
 from lora_kit.errors import LorakitError
 from lora_kit.rundir import write_text
+from lora_kit.templates import encode, prompt_ids
 
 RANKED = "responses"  # ranked list field, best first (InstructGPT's K=4..9 rankings)
 
@@ -29,7 +30,26 @@ class Pair:
     rejected: str
 
 
+def pair_ids(tokenizer, template, pair: Pair, cutoff_len: int, overlong: str) -> Optional[tuple[list, list]]:
+    """(chosen ids, rejected ids), each the conversation ending in that answer, fitted to cutoff_len by the stages'
+    one rule (`fit_to_cutoff`); None when dropped, or when cutting left the two answers identical."""
+    seqs = [encode(tokenizer, template, pair.prompt + [{"role": "assistant", "content": a}])[0]
+            for a in (pair.chosen, pair.rejected)]
+    fitted = fit_to_cutoff(seqs, cutoff_len, overlong)
+    return None if fitted is None or fitted[0] == fitted[1] else (fitted[0], fitted[1])
+
+
 # ---------------------------------------------------------------------------------------------------- prompts
+def fitted_prompts(prompts: list, tokenizer, template, cutoff_len: int, overlong: str,
+                   messages=lambda p: p) -> tuple[list, list[list[int]]]:
+    """(prompts kept, their generation-prompt token ids) under the stages' cutoff rule (`fit_to_cutoff`): an over-long
+    prompt keeps its last cutoff_len tokens (the question is at its end), or is left out with overlong=drop.
+    `messages(p)`: the conversation of a prompt item (PPO's items are conversations, GRPO's (conversation, answer))."""
+    kept = [(p, ids[0]) for p in prompts if (ids := fit_to_cutoff([prompt_ids(tokenizer, template, messages(p))],
+                                                                  cutoff_len, overlong, keep="end"))]
+    return [p for p, _ in kept], [q for _, q in kept]
+
+
 def prompt_messages(rec: Record) -> list[dict]:
     """The conversation up to the answer, ending with a user turn, from any accepted record shape."""
     d = rec.data

@@ -317,17 +317,28 @@ class TokenStats:
                 f"{self.truncated} truncated, {self.dropped} dropped, {self.skipped} skipped")
 
 
+def fit_to_cutoff(seqs: list[list], cutoff_len: int, overlong: str, keep: str = "start") -> Optional[list[list]]:
+    """The rule every stage applies to a record's token sequences (ids, labels, a pair's two answers, a prompt): all
+    returned as they are when none is over `cutoff_len`; else None with overlong="drop", or each cut to `cutoff_len`
+    tokens, keeping its first tokens (`keep="start"`) or, for a prompt to answer, its last (`keep="end"`)."""
+    if all(len(s) <= cutoff_len for s in seqs):
+        return seqs
+    if overlong == "drop":
+        return None
+    return [s[:cutoff_len] if keep == "start" else s[-cutoff_len:] for s in seqs]
+
+
 def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong: str = "truncate"):
     """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped."""
     examples, stats = [], TokenStats()
     for rec, msgs in convs:
         ids, labels = encode(tokenizer, template, msgs, max_tokens=cutoff_len)
         cut = len(ids) > cutoff_len
-        if cut:
-            if overlong == "drop":
-                stats.dropped += 1
-                continue
-            ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        fitted = fit_to_cutoff([ids, labels], cutoff_len, overlong)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        ids, labels = fitted
         if all(l == -100 for l in labels[1:]):
             stats.dropped += 1  # nothing left to learn from (the answer was cut off entirely)
             continue

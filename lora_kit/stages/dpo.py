@@ -11,14 +11,14 @@ from pathlib import Path
 import datasets
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from lora_kit.data.pairs import is_unpaired, read_judged, read_pairs
-from lora_kit.data.records import read_records, split_eval
+from lora_kit.data.pairs import is_unpaired, pair_ids, read_judged, read_pairs
+from lora_kit.data.records import fit_to_cutoff, read_records, split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.preference import pairwise_accuracy
 from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
 from lora_kit.recipe import GE0, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
-from lora_kit.templates import segments
+from lora_kit.templates import encode, segments
 from lora_kit.training.run import (
     final_eval,
     install_callbacks,
@@ -85,27 +85,39 @@ def trainer_setup(cfg, loss_type: list[str]):
 
 def read_data(cfg, tokenizer, template) -> tuple[list[dict], list[dict], str]:
     """(training rows in the loss's format, held-out pairs as text, description). Held-out records are whole records,
-    so a held-out pair never shares a prompt with training."""
+    so a held-out pair never shares a prompt with training. Over-long records follow the stages' one rule (dropped with
+    overlong=drop; else TRL keeps the first cutoff_len tokens, as `fit_to_cutoff` does; rm and dpo drop a pair that
+    cutting leaves with two identical answers)."""
+    def fits(pair) -> bool:
+        return pair_ids(tokenizer, template, pair, cfg.cutoff_len, cfg.overlong) is not None
+
     if cfg.loss != "kto":
         if any(is_unpaired(r) for r in read_records(cfg.data)[:1]):
             raise LorakitError(f"{cfg.data}: unpaired records (completion + label) train with loss=kto; "
                                f"loss={cfg.loss} needs chosen/rejected pairs")
         groups = read_pairs(cfg.data, cfg.max_samples, cfg.skip_bad_records)
         train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
-        train, held = render_pairs(train_groups, tokenizer, template), render_pairs(held_groups, tokenizer, template)
-        return train, held, f"{len(groups)} records -> {len(train)} training pairs, {len(held)} held-out pairs"
+        pairs = [[p for p in g if fits(p)] for g in train_groups]
+        train, held = render_pairs(pairs, tokenizer, template), render_pairs(held_groups, tokenizer, template)
+        dropped = sum(len(g) for g in train_groups) - len(train)
+        return train, held, (f"{len(groups)} records -> {len(train)} training pairs ({dropped} dropped as over-long), "
+                             f"{len(held)} held-out pairs")
     groups = read_judged(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train_groups, held_groups = split_eval(groups, cfg.eval_fraction, cfg.seed)
-    train = []
+    train, dropped = [], 0
     for group in train_groups:
         for j in group:
-            segs = segments(tokenizer, template, j.prompt + [{"role": "assistant", "content": j.completion}])
+            msgs = j.prompt + [{"role": "assistant", "content": j.completion}]
+            if fit_to_cutoff([encode(tokenizer, template, msgs)[0]], cfg.cutoff_len, cfg.overlong) is None:
+                dropped += 1
+                continue
+            segs = segments(tokenizer, template, msgs)
             train.append({"prompt": "".join(t for t, _ in segs[:-1]), "completion": segs[-1][0].rstrip(),
                           "label": j.desirable})
     held = render_pairs([_as_pairs(g) for g in held_groups], tokenizer, template)
     good = sum(r["label"] for r in train)
-    return train, held, (f"{len(groups)} records -> {good} desirable + {len(train) - good} undesirable answers, "
-                         f"{len(held)} held-out pairs")
+    return train, held, (f"{len(groups)} records -> {good} desirable + {len(train) - good} undesirable answers "
+                         f"({dropped} dropped as over-long), {len(held)} held-out pairs")
 
 
 def _as_pairs(group):

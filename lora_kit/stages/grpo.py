@@ -17,7 +17,7 @@ import datasets
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from lora_kit.data.pairs import read_prompts_with_answers
+from lora_kit.data.pairs import fitted_prompts, read_prompts_with_answers
 from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.tasks import generate_answers
@@ -149,8 +149,13 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if cfg.eval_data:
         held = read_prompts_with_answers(cfg.eval_data, 0, cfg.skip_bad_records)
     held = held[: cfg.eval_samples]
-    print(f"lorakit grpo: {cfg.data}: {len(train)} training prompts, {len(held)} held-out prompts "
-          f"({cfg.eval_data or 'split from data'})", flush=True)
+    n_train = len(train)
+    train, train_ids = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
+    held, _ = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
+    if not train:
+        raise LorakitError(f"{cfg.data}: every training prompt is over cutoff_len={cfg.cutoff_len} (overlong=drop)")
+    print(f"lorakit grpo: {cfg.data}: {len(train)} training prompts ({n_train - len(train)} dropped as over-long), "
+          f"{len(held)} held-out prompts ({cfg.eval_data or 'split from data'})", flush=True)
 
     set_seed(cfg.seed)
     dtype = compute_dtype(cfg.dtype)
@@ -169,7 +174,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     if dry_run:
         return out
 
-    data = [{"prompt": prompt_text(tokenizer, template, m), "reference": r or "", "conversation": m} for m, r in train]
+    # a prompt cut to its last cutoff_len tokens goes to TRL as the text of those tokens (TRL tokenizes text prompts)
+    data = [{"prompt": prompt_text(tokenizer, template, m) if len(ids) < cfg.cutoff_len else tokenizer.decode(ids),
+             "reference": r or "", "conversation": m} for (m, r), ids in zip(train, train_ids)]
     args = training_arguments(
         cfg, out, dtype, args_class=GRPOConfig, gradient_checkpointing=cfg.gradient_checkpointing,
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations, num_generations=cfg.num_generations,

@@ -11,14 +11,13 @@ import datasets
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
-from lora_kit.data.pairs import read_pairs
+from lora_kit.data.pairs import pair_ids, read_pairs
 from lora_kit.data.records import split_eval
 from lora_kit.errors import LorakitError
 from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import FRACTION, GE0, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
-from lora_kit.templates import encode
 from lora_kit.training.run import (
     final_eval,
     install_callbacks,
@@ -39,22 +38,11 @@ class Config(ModelArgs, DataArgs, TrainArgs):
 
 
 def encode_pairs(groups, tokenizer, template, cutoff_len: int, overlong: str = "truncate") -> tuple[list[dict], int]:
-    """{chosen_ids, rejected_ids} rendered like a conversation ending in the answer (the same text PPO scores)."""
-    rows, dropped = [], 0
-    for group in groups:
-        for p in group:
-            c = encode(tokenizer, template, p.prompt + [{"role": "assistant", "content": p.chosen}])[0]
-            r = encode(tokenizer, template, p.prompt + [{"role": "assistant", "content": p.rejected}])[0]
-            if max(len(c), len(r)) > cutoff_len:
-                if overlong == "drop":
-                    dropped += 1
-                    continue
-                c, r = c[:cutoff_len], r[:cutoff_len]
-                if c == r:
-                    dropped += 1
-                    continue
-            rows.append({"chosen_ids": c, "rejected_ids": r})
-    return rows, dropped
+    """{chosen_ids, rejected_ids} rendered like a conversation ending in the answer (the same text PPO scores), fitted
+    to cutoff_len (`pair_ids`); returns (rows, pairs dropped)."""
+    rows = [ids for group in groups for p in group
+            if (ids := pair_ids(tokenizer, template, p, cutoff_len, overlong)) is not None]
+    return [{"chosen_ids": c, "rejected_ids": r} for c, r in rows], sum(len(g) for g in groups) - len(rows)
 
 
 def run(cfg: Config, dry_run: bool = False) -> Path:

@@ -25,8 +25,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_kit.data.pairs import read_prompts
-from lora_kit.data.records import Collator, conversations, read_records, split_eval, tokenize_conversations
+from lora_kit.data.pairs import fitted_prompts, read_prompts
+from lora_kit.data.records import (
+    Collator,
+    conversations,
+    read_records,
+    split_eval,
+    tokenize_conversations,
+)
 from lora_kit.errors import LorakitError
 from lora_kit.models.builder import build
 from lora_kit.models.load import check_checkpoint, compute_dtype
@@ -36,7 +42,7 @@ from lora_kit.rundir import write_text
 from lora_kit.stages.ppo import core as ppo_core
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
 from lora_kit.stages.ppo.roles import Roles
-from lora_kit.templates import encode, prompt_ids
+from lora_kit.templates import encode
 from lora_kit.training import interrupt
 from lora_kit.training.rewards import load_reward_fn
 from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run, wait_for_everyone
@@ -197,7 +203,8 @@ def evaluate(roles, cfg, tokenizer, template, reward_fn, prompts, seed: int):
         rows, total, kl = [], [], []
         for i in range(0, len(prompts), cfg.batch_size):
             ps = prompts[i:i + cfg.batch_size]
-            b = sample(roles, cfg, tokenizer, [prompt_ids(tokenizer, template, p)[-cfg.cutoff_len:] for p in ps])
+            _, queries = fitted_prompts(ps, tokenizer, template, cfg.cutoff_len, cfg.overlong)  # (all fit: see run)
+            b = sample(roles, cfg, tokenizer, queries)
             texts = response_texts(b, tokenizer)
             s = score(roles, cfg, tokenizer, template, reward_fn, ps, texts)
             args = (b["ids"], b["mask"], b["positions"], b["start"])
@@ -275,7 +282,7 @@ def load_checkpoint(ckpt: Path, roles, opt, sched, kl_ctl, moments) -> int:
 # ---------------------------------------------------------------------------------------------------- run
 def _ptx_batches(cfg, tokenizer, template):
     convs, _ = conversations(read_records(cfg.ptx_data), "auto", cfg.skip_bad_records)
-    examples, _ = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, "truncate")
+    examples, _ = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, cfg.overlong)
     collate = Collator(tokenizer.pad_token_id)
     return lambda step: collate([examples[(step * cfg.mini_batch_size + j) % len(examples)]
                                  for j in range(cfg.mini_batch_size)])
@@ -300,7 +307,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     prompts = read_prompts(cfg.data, cfg.max_samples, cfg.skip_bad_records)
     train, held = split_eval(prompts, cfg.eval_fraction, cfg.seed)
     held = held[: cfg.eval_samples]
-    queries = [prompt_ids(tokenizer, template, p)[-cfg.cutoff_len:] for p in train]
+    n_prompts = len(train) + len(held)
+    train, queries = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    held, _ = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    if not train:
+        raise LorakitError(f"{cfg.data}: every training prompt is over cutoff_len={cfg.cutoff_len} (overlong=drop)")
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -318,7 +329,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     per_step = f"{world} processes x {cfg.batch_size}" if world > 1 else f"{cfg.batch_size}"
     say(f"{base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}); {len(train)} prompts "
-        f"({len(held)} held out); actor + critic trainable {trainable:,} / {total:,}; reward = "
+        f"({len(held)} held out, {n_prompts - len(train) - len(held)} dropped as over-long); actor + critic "
+        f"trainable {trainable:,} / {total:,}; reward = "
         f"{cfg.reward_adapter or cfg.reward_fn}; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
         f"{per_step} rollouts x {cfg.max_new_tokens} tokens per step, {updates} updates")
     if dry_run:
