@@ -371,6 +371,30 @@ def _umask() -> int:
     return mask
 
 
+def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): the process that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log_metrics(path: Path, row: dict) -> None:
+    """Append one row to `path` (a run's metrics.jsonl; the one writer of it), from rank 0 only."""
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] when there is none), skipping a last line cut off by a kill."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file + rename)."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

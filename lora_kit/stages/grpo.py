@@ -9,7 +9,6 @@ benchmarks/grpo_trainer_vs_loop.py times it against a minimal loop (BENCHMARKS.m
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
+from lora_kit.rundir import log_metrics
 from lora_kit.templates import segments
 from lora_kit.training.rewards import RewardModel, load_reward_fn, parse_weights, reward_callables
 from lora_kit.training.run import (
@@ -115,8 +115,7 @@ class HeldOutEval(TrainerCallback):
             total += self.weights.get(name, 0.0) * mean
         row["eval_reward"] = round(total, 6)
         self.last = row
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log_metrics(self.out / "metrics.jsonl", row)
         print("lorakit grpo: held-out " + ", ".join(f"{k[12:] or 'weighted'} {v:.3f}" for k, v in row.items()
                                                     if k.startswith("eval_reward")) + f" at step {step}", flush=True)
 

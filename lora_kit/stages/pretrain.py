@@ -41,7 +41,18 @@ from lora_kit.recipe import (
     dump_yaml,
     section,
 )
-from lora_kit.rundir import SUBRUNS, RunDir, finish, is_finished, read_run, run_info, write_json, write_text
+from lora_kit.rundir import (
+    SUBRUNS,
+    RunDir,
+    finish,
+    is_finished,
+    log_metrics,
+    read_metrics,
+    read_run,
+    run_info,
+    write_json,
+    write_text,
+)
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import (
     install_callbacks,
@@ -205,27 +216,16 @@ def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
             "eval_chars": s.chars, "eval_tokens": s.tokens}
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else []
-
-
-def _append(path: Path, row: dict) -> None:
-    if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------- one phase
 def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
                 base: str, new_ids: list[int], rows: list[int]) -> dict:
     """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
     d, settings = phase_dir(out, n), _phase_settings(cfg, n, out)
     metrics = d / "metrics.jsonl"
-    before = next((r for r in _rows(metrics) if r.get("when") == "before"), None)
+    before = next((r for r in read_metrics(metrics) if r.get("when") == "before"), None)
     if before is None:
         before = {"step": 0, "phase": f"phase{n}", "when": "before", **evaluate(model, tokenizer, eval_docs, cfg)}
-        _append(metrics, before)
+        log_metrics(metrics, before)
         _print_eval(f"phase {n}: before", before)
 
     start_step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0
@@ -243,7 +243,7 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
 
     after = {"step": settings.max_steps, "phase": f"phase{n}", "when": "after",
              **evaluate(model, tokenizer, eval_docs, cfg)}
-    _append(metrics, after)
+    log_metrics(metrics, after)
     _print_eval(f"phase {n}: after", after)
     info = dict(new_token_ids=new_ids, phase=n, steps=settings.max_steps, trained_rows=len(rows),
                 eval_before=_strip(before), eval_after=_strip(after), adapter_bytes=_adapter_tensor_bytes(model),
@@ -294,7 +294,7 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
     rows, offset, evals, speed = [], 0, {}, {}
     for n in chain:
         info = read_run(phase_dir(out, n))
-        for r in _rows(phase_dir(out, n) / "metrics.jsonl"):
+        for r in read_metrics(phase_dir(out, n) / "metrics.jsonl"):
             rows.append({**r, "step": r.get("step", 0) + offset, "phase": f"phase{n}"})
         evals.setdefault("before", info.get("eval_before", {}))
         evals[f"phase{n}"] = info.get("eval_after", {})

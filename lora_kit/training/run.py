@@ -27,14 +27,20 @@ from transformers.trainer_callback import ProgressCallback as HFProgress
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import check_checkpoint, device, load_tokenizer, resolve_model, signature
 from lora_kit.recipe import dump_yaml
-from lora_kit.rundir import CHECKPOINTS, RunDir, finish, newest_checkpoint, run_info, write_json, write_text
+from lora_kit.rundir import (  # noqa: F401 (is_main_process: the stages import it from here)
+    CHECKPOINTS,
+    RunDir,
+    finish,
+    is_main_process,
+    log_metrics,
+    newest_checkpoint,
+    read_metrics,
+    run_info,
+    write_json,
+    write_text,
+)
 from lora_kit.templates import resolve
 from lora_kit.training.interrupt import StopCallback
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without torchrun): the process that writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- output dir
@@ -163,10 +169,7 @@ class MetricsCallback(TrainerCallback):
         if "learning_rate" in row:
             row["lr"] = row.pop("learning_rate")
         self.latest.update(row)
-        if is_main_process():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log_metrics(self.path, row)
 
 
 class ProgressCallback(TrainerCallback):
@@ -230,7 +233,7 @@ def plot_metrics(out: Path, keys=("loss", "eval_loss"), panels: bool = False) ->
     path = Path(out) / "metrics.jsonl"
     if not path.is_file() or not is_main_process():
         return None
-    rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = read_metrics(path)
 
     matplotlib.use("Agg")
 

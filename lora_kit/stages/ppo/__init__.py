@@ -38,7 +38,7 @@ from lora_kit.models.builder import build
 from lora_kit.models.load import check_checkpoint, compute_dtype
 from lora_kit.models.lora import count_parameters
 from lora_kit.recipe import GE0, GE1, POSITIVE, DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
-from lora_kit.rundir import write_text
+from lora_kit.rundir import log_metrics, write_text
 from lora_kit.stages.ppo import core as ppo_core
 from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, init_processes, world
 from lora_kit.stages.ppo.roles import Roles
@@ -350,9 +350,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     metrics = out / "metrics.jsonl"
 
     def log(row):
-        if is_main_process():
-            with open(metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log_metrics(metrics, row)
 
     samples = {}
     if held and step == 0:
