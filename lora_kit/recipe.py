@@ -238,11 +238,12 @@ def all_keys(cls, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8}); `*_kwargs` dicts stay values."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v and not k.endswith("_kwargs"):
-            out.update(_flatten(v, prefix + str(k) + "."))
+            out.update(flatten(v, prefix + str(k) + "."))
         else:
             out[prefix + str(k)] = v
     return out
@@ -269,7 +270,7 @@ def load_config(cls, recipe: Optional[str] = None, overrides: list[str] | None =
             raise LorakitError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
             raise LorakitError(f"{path}: a recipe must be a mapping of key: value")
-        for k, v in _flatten(raw).items():
+        for k, v in flatten(raw).items():
             values[k] = (v, str(path))
     for item in overrides or []:
         if "=" not in item:

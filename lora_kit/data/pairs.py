@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Optional
 
 from lora_kit.data.corpora import reviews
-from lora_kit.data.records import Record, _alpaca, _text, _turns, check_conversation, fit_to_cutoff, read_records
+from lora_kit.data.records import (
+    Record,
+    alpaca_messages,
+    check_conversation,
+    fit_to_cutoff,
+    read_records,
+    text_field,
+    turn_messages,
+)
 from lora_kit.errors import LorakitError
 from lora_kit.rundir import write_text
 from lora_kit.templates import encode, prompt_ids
@@ -58,7 +66,7 @@ def prompt_messages(rec: Record) -> list[dict]:
     if "conversations" in d or "messages" in d:
         key, role, content = (("conversations", "from", "value") if "conversations" in d
                               else ("messages", "role", "content"))
-        msgs = _turns(rec, key, role, content)
+        msgs = turn_messages(rec, key, role, content)
         if msgs[-1]["role"] == "assistant" and "chosen" not in d and RANKED not in d:
             msgs = msgs[:-1]  # an SFT conversation used as a prompt: drop its answer
         check_conversation(rec, msgs, key, need_answer=False)
@@ -66,9 +74,9 @@ def prompt_messages(rec: Record) -> list[dict]:
             raise LorakitError(f"{rec.loc(key)}: the prompt must end with a user turn")
         return msgs
     if "instruction" in d:
-        return _alpaca(Record(rec.source, rec.index, {**d, "output": "-"}))[:-1]
+        return alpaca_messages(Record(rec.source, rec.index, {**d, "output": "-"}))[:-1]
     if "prompt" in d:
-        return [{"role": "user", "content": _text(rec, "prompt")}]
+        return [{"role": "user", "content": text_field(rec, "prompt")}]
     raise LorakitError(f"{rec.loc()}: unrecognised record (fields {sorted(d)[:6]}); expected alpaca (instruction), "
                        "sharegpt (conversations), messages or prompt")
 

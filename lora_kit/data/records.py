@@ -169,7 +169,8 @@ def register_format(fmt: Format) -> Format:
     return fmt
 
 
-def _text(rec: Record, key: str, required: bool = True, allow_empty: bool = False) -> str:
+def text_field(rec: Record, key: str, required: bool = True, allow_empty: bool = False) -> str:
+    """The string field `key` of a record ('' when absent and not required); else an error naming record and field."""
     value = rec.data.get(key)
     if value is None:
         if required:
@@ -182,9 +183,10 @@ def _text(rec: Record, key: str, required: bool = True, allow_empty: bool = Fals
     return value
 
 
-def _alpaca(rec: Record) -> list[dict]:
+def alpaca_messages(rec: Record) -> list[dict]:
+    """An alpaca record (system, history, instruction + input) as messages up to its user turn."""
     msgs = []
-    system = _text(rec, "system", required=False)
+    system = text_field(rec, "system", required=False)
     if system:
         msgs.append({"role": "system", "content": system})
     history = rec.data.get("history") or []
@@ -194,17 +196,18 @@ def _alpaca(rec: Record) -> list[dict]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise LorakitError(f"{rec.loc(f'history[{i}]')} must be a pair of strings")
         msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    instruction = _text(rec, "instruction", allow_empty=True)
-    extra = _text(rec, "input", required=False)
+    instruction = text_field(rec, "instruction", allow_empty=True)
+    extra = text_field(rec, "input", required=False)
     prompt = f"{instruction}\n{extra}" if instruction and extra else (instruction or extra)
     if not prompt.strip():
         raise LorakitError(f"{rec.loc('instruction')} and 'input' are both empty")
     msgs.append({"role": "user", "content": prompt})
-    msgs.append({"role": "assistant", "content": _text(rec, "output")})
+    msgs.append({"role": "assistant", "content": text_field(rec, "output")})
     return msgs
 
 
-def _turns(rec: Record, key: str, role_key: str, content_key: str) -> list[dict]:
+def turn_messages(rec: Record, key: str, role_key: str, content_key: str) -> list[dict]:
+    """The list of turns in field `key` as {role, content} messages (sharegpt's from/value or messages' own keys)."""
     turns = rec.data.get(key)
     if not isinstance(turns, list):
         raise LorakitError(f"{rec.loc(key)} must be a list of turns")
@@ -244,11 +247,12 @@ def check_conversation(rec: Record, msgs: list[dict], key: str, need_answer: boo
     return msgs
 
 
-register_format(Format("alpaca", lambda d: "instruction" in d and "output" in d, _alpaca))
+register_format(Format("alpaca", lambda d: "instruction" in d and "output" in d, alpaca_messages))
 register_format(Format("sharegpt", lambda d: "conversations" in d and "chosen" not in d,
-                       lambda r: check_conversation(r, _turns(r, "conversations", "from", "value"), "conversations")))
+                       lambda r: check_conversation(r, turn_messages(r, "conversations", "from", "value"),
+                                                    "conversations")))
 register_format(Format("messages", lambda d: "messages" in d,
-                       lambda r: check_conversation(r, _turns(r, "messages", "role", "content"), "messages")))
+                       lambda r: check_conversation(r, turn_messages(r, "messages", "role", "content"), "messages")))
 
 
 def unambiguous(rec: Record) -> list[Format]:

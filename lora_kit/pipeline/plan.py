@@ -21,7 +21,7 @@ from lora_kit.commands import BY_NAME, stage_module
 from lora_kit.data.records import bundled_path
 from lora_kit.errors import LorakitError
 from lora_kit.models.embedded import ALIASES
-from lora_kit.recipe import _flatten, all_keys, arg, find_recipe, load_config, to_dict
+from lora_kit.recipe import all_keys, arg, find_recipe, flatten, load_config, to_dict
 
 # The order stages run in; ppo and dpo share a rank (one or the other follows sft).
 ORDER = {"extend-vocab": 0, "pretrain": 1, "sft": 2, "rm": 3, "ppo": 4, "dpo": 4, "merge": 5, "eval": 6}
@@ -207,7 +207,7 @@ def _wire(plan: Plan, entries: list[tuple[str, dict]], source: str) -> None:
             model = str(out)
         elif name in TRAINING:
             recipe = options.pop("recipe", None) or BY_NAME[name].recipe
-            options = _flatten(options)  # phase1: {max_steps: 5} is phase1.max_steps: 5
+            options = flatten(options)  # phase1: {max_steps: 5} is phase1.max_steps: 5
             config_cls = stage_module(name).Config
             keys = all_keys(config_cls)
             bad = [k for k in options if k in WIRED["recipe"]]

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from lora_kit.commands import stage_module
 from lora_kit.errors import LorakitError
-from lora_kit.recipe import _flatten, describe, find_recipe, list_recipes, load_config, recipe_header, to_dict
+from lora_kit.recipe import describe, find_recipe, flatten, list_recipes, load_config, recipe_header, to_dict
 from lora_kit.rundir import write_json
 from lora_kit.serve.api import LOOPBACK, error_body
 from lora_kit.serve.runs import UI_DIR, inside, list_runs, metrics, reports
@@ -38,7 +38,7 @@ def recipe_form(root: Path, recipe: str) -> dict:
     path = _recipe_path(root, recipe)
     stage = recipe_header(path)[0]
     cls = stage_module(stage).Config
-    values = _flatten(to_dict(load_config(cls, str(path))))
+    values = flatten(to_dict(load_config(cls, str(path))))
     return {"recipe": recipe, "stage": stage, "keys": [
         {"key": k, "type": t, "value": values.get(k), "help": h} for k, t, _, h in describe(cls) if k != "output_dir"]}
 
