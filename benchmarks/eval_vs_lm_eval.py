@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from lora_kit.evaluate.choice import BENCHMARKS, LETTERS, build_prompt, evaluate_benchmark, load_benchmark
-from lora_kit.models.load import load_for_inference, resolve_model
+from lora_kit.models.builder import load_for_inference
+from lora_kit.models.load import resolve_model
 
 
 def lorakit_side(args, subjects: list[str]) -> tuple[dict, float]:

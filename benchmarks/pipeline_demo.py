@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lora_kit.evaluate.tasks import accuracy
-from lora_kit.models.load import load_for_inference
+from lora_kit.models.builder import load_for_inference
 from lora_kit.templates import resolve
 
 TARGETS = [  # metric, test against the base column, description

@@ -21,7 +21,8 @@ from lora_kit.evaluate.choice import (
 )
 from lora_kit.evaluate.scores import char_f1, segmentation_prf
 from lora_kit.evaluate.suite import CMMLU_SUBSET
-from lora_kit.models.load import load_for_inference, signature
+from lora_kit.models.builder import load_for_inference
+from lora_kit.models.load import signature
 from merge_helpers import extend_model, make_adapter
 
 HEADER = ",Question,A,B,C,D,Answer\n"

@@ -108,3 +108,19 @@ def test_every_package_is_installed():
                  .replace('"', "").replace(",", " ").split())
     real = {".".join(f.parent.relative_to(ROOT).parts) for f in PKG.rglob("__init__.py")}
     assert not (real - listed), f"packages missing from pyproject.toml: {sorted(real - listed)}"
+
+
+def test_only_the_builder_loads_a_model_and_builds_a_lora_config():
+    """One model builder: load_model is called only by models.builder (so allow_pickle, trust_remote_code, dtype and
+    quantization mean the same everywhere); a LoraConfig is built from a recipe only by models.lora.lora_config, and
+    written for computed factors only by export.common (svd, extract-lora)."""
+    homes = {"load_model": {"lora_kit.models.builder"},
+             "LoraConfig": {"lora_kit.models.lora", "lora_kit.export.common"}}
+    wrong = []
+    for name, f in modules().items():
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if called in homes and name not in homes[called]:
+                    wrong.append(f"{name}:{node.lineno} calls {called}")
+    assert not wrong, "\n".join(wrong)

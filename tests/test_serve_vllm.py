@@ -52,7 +52,7 @@ def lorakit_greedy(model=None, adapter=None) -> tuple[list[int], list[int]]:
     differently."""
     import torch
 
-    from lora_kit.models.load import load_for_inference
+    from lora_kit.models.builder import load_for_inference
     from lora_kit.templates import prompt_ids, resolve
 
     net, tok, template = load_for_inference(str(model) if model else None, str(adapter) if adapter else None,

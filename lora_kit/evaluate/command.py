@@ -12,7 +12,8 @@ from lora_kit.evaluate.bpc import score_documents
 from lora_kit.evaluate.choice import BENCHMARKS, evaluate_benchmark
 from lora_kit.evaluate.suite import SUITES, markdown_table, run_suite, write_outputs
 from lora_kit.evaluate.tasks import score_task
-from lora_kit.models.load import adapter_base, load_for_inference
+from lora_kit.models.builder import load_for_inference
+from lora_kit.models.load import adapter_base
 from lora_kit.rundir import write_json
 from lora_kit.templates import resolve
 

@@ -23,7 +23,7 @@ from lora_kit.errors import LorakitError
 from lora_kit.evaluate.bpc import score_documents
 from lora_kit.evaluate.choice import evaluate_benchmark
 from lora_kit.evaluate.tasks import score_task
-from lora_kit.models.load import load_for_inference
+from lora_kit.models.builder import load_for_inference
 from lora_kit.rundir import write_json, write_text
 from lora_kit.templates import resolve
 

@@ -1,6 +1,8 @@
-"""The model builder every training stage calls: the base loaded with the recipe's model options (quantization, dtype,
-allow_pickle, trust_remote_code) and checked against the tokenizer, the token ids a vocabulary-extended base marks as
-new, and the adapter attached (new token rows trained in the embedding and, when the head is untied, in the head).
+"""The model builder: the one place a base model is loaded (`load_weights`). Every training stage calls `build`: the
+base loaded with the recipe's model options (quantization, dtype, allow_pickle, trust_remote_code) and checked against
+the tokenizer, the token ids a vocabulary-extended base marks as new, and the adapter attached (new token rows trained
+in the embedding and, when the head is untied, in the head). Generation (eval, chat) calls `load_for_inference`; the
+server and extend-vocab's resize call `load_weights`.
 """
 from __future__ import annotations
 
@@ -8,10 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from peft import PeftModel
+
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import check_vocab, load_model
+from lora_kit.models.load import (
+    adapter_base,
+    adapter_tokenizer_template,
+    check_adapter_files,
+    check_adapter_fits,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from lora_kit.models.lora import attach_lora, continue_lora, token_row_targets
 from lora_kit.rundir import read_run
+from lora_kit.vocab.resize import grow_to_tokenizer
 
 
 def new_token_ids(base: str) -> list[int]:
@@ -19,13 +33,44 @@ def new_token_ids(base: str) -> list[int]:
     return [int(i) for i in read_run(Path(base)).get("new_token_ids") or []] if Path(base).is_dir() else []
 
 
+def load_weights(base: str, *, quantization: str = "none", dtype: str = "auto", trust_remote_code: bool = False,
+                 allow_pickle: bool = False, model_class=None, **kwargs):
+    """The base's weights with the model options every caller passes the same way (`models.load.load_model`: the only
+    call of it in the package)."""
+    return load_model(base, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, model_class=model_class, **kwargs)
+
+
 def load_base(cfg, base: str, tokenizer, model_class=None, **kwargs):
     """The base model as the recipe's model section says (quantization, dtype, trust_remote_code, allow_pickle),
     refused when `tokenizer` does not fit its embedding; `kwargs` go to from_pretrained (e.g. num_labels)."""
-    model = load_model(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle, model_class=model_class, **kwargs)
+    model = load_weights(base, quantization=cfg.quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         allow_pickle=cfg.allow_pickle, model_class=model_class, **kwargs)
     check_vocab(model, tokenizer, base)
     return model
+
+
+def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, dtype: str = "auto",
+                       quantization: str = "none", trust_remote_code: bool = False):
+    """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
+    if not model and not adapter:
+        raise LorakitError("give --model and/or --adapter")
+    if adapter:
+        check_adapter_files(adapter)
+    base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
+    tok_source, template = adapter_tokenizer_template(adapter, base)
+    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    net = load_weights(base, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter and tok_source != base and len(tokenizer) > net.get_input_embeddings().weight.shape[0]:
+        # an adapter trained on an extended vocabulary, given the original base: grow the base, no merge needed
+        rows = (read_run(Path(adapter)).get("base_signature") or {}).get("vocab_size") or 0
+        grow_to_tokenizer(net, load_tokenizer(base, trust_remote_code), tokenizer, rows)
+    check_vocab(net, tokenizer, tok_source)
+    if adapter:
+        check_adapter_fits(adapter, net)
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    return net, tokenizer, template
 
 
 def new_rows(model, ids: list[int], base: str) -> dict[str, list[int]]:

@@ -17,7 +17,6 @@ from lora_kit.errors import LorakitError
 from lora_kit.models.embedded import ALIASES, materialise_alias
 from lora_kit.models.memory import cpu_bf16_is_faster, freed_memory_returned
 from lora_kit.rundir import read_run
-from lora_kit.vocab.resize import grow_to_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- resolving names
@@ -198,31 +197,6 @@ def adapter_tokenizer_template(adapter: Optional[str], base: str) -> tuple[str, 
     if (ap / "recipe.yaml").is_file():
         template = (yaml.safe_load((ap / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("template", "auto")
     return tok_source, template
-
-
-def load_for_inference(model: Optional[str], adapter: Optional[str] = None, *, dtype: str = "auto",
-                       quantization: str = "none", trust_remote_code: bool = False):
-    """(model, tokenizer, template name) for generation: the adapter's own tokenizer and recipe template win."""
-    if not model and not adapter:
-        raise LorakitError("give --model and/or --adapter")
-    if adapter:
-        check_adapter_files(adapter)
-    base = resolve_model(model) if model else resolve_model(adapter_base(adapter))
-    tok_source, template = adapter_tokenizer_template(adapter, base)
-    tokenizer = load_tokenizer(tok_source, trust_remote_code)
-    net = load_model(base, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
-    if adapter and tok_source != base and len(tokenizer) > net.get_input_embeddings().weight.shape[0]:
-        # an adapter trained on an extended vocabulary, given the original base: grow the base, no merge needed
-        rows = (read_run(Path(adapter)).get("base_signature") or {}).get("vocab_size") or 0
-        grow_to_tokenizer(net, load_tokenizer(base, trust_remote_code), tokenizer, rows)
-    check_vocab(net, tokenizer, tok_source)
-    if adapter:
-        from peft import PeftModel
-
-        check_adapter_fits(adapter, net)
-        net = PeftModel.from_pretrained(net, adapter)
-    net.eval()
-    return net, tokenizer, template
 
 
 def signature(config) -> dict:

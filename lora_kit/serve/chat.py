@@ -7,7 +7,7 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from lora_kit.models.load import load_for_inference
+from lora_kit.models.builder import load_for_inference
 from lora_kit.templates import prompt_ids, resolve
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from lora_kit.data.corpora import CORPUS_ALIASES, iter_lines
 from lora_kit.errors import LorakitError
-from lora_kit.models.load import load_model, resolve_model
+from lora_kit.models.builder import load_weights
+from lora_kit.models.load import resolve_model
 from lora_kit.rundir import atomic_dir, run_info, write_json
 from lora_kit.vocab import bytelevel as vocab_bpe
 from lora_kit.vocab import checks as vocab_check
@@ -310,7 +311,7 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------- model and report
 def resize_and_save(base: BaseTokenizer, result: dict, out: Path) -> int:
     """Load the base weights, resize embeddings (new rows from sub-token means), save; returns rows."""
-    model = load_model(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
+    model = load_weights(str(base.tok_dir), dtype="fp32")  # fp32 holds bf16/fp16 exactly; cast back before saving
     stored = getattr(model.config, "dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     rows = model.get_input_embeddings().weight.shape[0]
