@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.builder import load_weights
 from lora_kit.models.load import (
     adapter_base,
     adapter_tokenizer_template,
     check_adapter_files,
     check_adapter_fits,
     check_vocab,
-    load_model,
     load_tokenizer,
     resolve_model,
 )
@@ -56,8 +57,6 @@ def _vocab_rows(adapter: str) -> Optional[int]:
 
 def _attach(net, adapter_dir: str, name: str):
     """Load one more adapter onto a base (the first turns it into a PeftModel)."""
-    from peft import PeftModel  # heavy import, only when an adapter is served
-
     check_adapter_files(adapter_dir)
     check_adapter_fits(adapter_dir, net.get_base_model() if isinstance(net, PeftModel) else net)
     if isinstance(net, PeftModel):
@@ -75,7 +74,7 @@ def load_models(model: str, adapters: dict[str, str], *, base_name: Optional[str
     base_name = base_name or Path(base).name
     if base_name in adapters:
         raise LorakitError(f"--adapter {base_name}: that name is the base model's (--name)")
-    bases: dict[str, Any] = {base: load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)}
+    bases: dict[str, Any] = {base: load_weights(base, dtype=dtype, trust_remote_code=trust_remote_code)}
     rows = bases[base].get_input_embeddings().weight.shape[0]
     groups: dict[str, list[tuple[str, str]]] = {base: []}
     for name, path in adapters.items():
@@ -87,7 +86,7 @@ def load_models(model: str, adapters: dict[str, str], *, base_name: Optional[str
     served: dict[str, Served] = {}
     base_tok = load_tokenizer(base, trust_remote_code)
     for home, members in groups.items():
-        net = bases.get(home) or load_model(home, dtype=dtype, trust_remote_code=trust_remote_code)
+        net = bases.get(home) or load_weights(home, dtype=dtype, trust_remote_code=trust_remote_code)
         for name, path in members:
             tok_source, template = adapter_tokenizer_template(path, home)
             tokenizer = load_tokenizer(tok_source, trust_remote_code)
@@ -128,6 +127,7 @@ class Job:
         self.sent = 0  # characters of the answer already sent
         self.cancelled = False
         self.finished = False
+        self.last_event: Optional[tuple] = None  # "done"/"error", sent once the job has left the engine's slots
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         warpers = []
         if sampling.temperature > 0:
@@ -217,11 +217,13 @@ class Engine:
                         self._step(job)
                     except Exception as e:  # a bug or out of memory: this request fails, the server keeps going
                         job.finished = True
-                        job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                        job.last_event = ("error", f"generation failed: {type(e).__name__}: {e}")
                 if job.cancelled or job.finished:
                     job.cache = None
                     with self.cond:
                         self.active.remove(job)
+                    if job.last_event:  # after the slot is free: a client's next request must find room
+                        job.emit(*job.last_event)
 
     def _forward(self, job: Job, ids: torch.Tensor):
         s = job.served
@@ -261,4 +263,4 @@ class Engine:
             job.sent = end
         if reason:
             job.finished = True
-            job.emit("done", reason, job.usage())
+            job.last_event = ("done", reason, job.usage())
