@@ -35,6 +35,7 @@ def _run_recipe_stage(cmd: Command, module, argv: list[str]) -> int:
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
+    # lazy imports here: `lorakit --help` and --print-config must not pay for torch and transformers
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from lora_kit.training.launch import relaunch
 

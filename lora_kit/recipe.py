@@ -10,6 +10,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -130,8 +131,6 @@ def recipe_dirs() -> list[Path]:
     """Where recipes are looked up: the source tree's recipes/ first, then the installed package's."""
     dirs = [RECIPE_SOURCE_DIR]
     try:
-        from importlib.resources import files
-
         dirs.append(Path(str(files("lora_kit.recipes"))))
     except (ModuleNotFoundError, TypeError):
         pass

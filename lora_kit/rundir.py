@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -29,9 +30,7 @@ RUN_FILE = "run.json"
 def version() -> str:
     """The installed lorakit version (recorded in run.json), or 0+unknown when it is not installed."""
     try:
-        from importlib.metadata import version as v
-
-        return v("lorakit")
+        return metadata.version("lorakit")
     except Exception:
         return "0+unknown"
 

@@ -5,6 +5,7 @@ covering the families the Chinese community fine-tunes. Training, `chat` and `ev
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -75,8 +76,6 @@ def resolve(name: str, tokenizer) -> Optional[Template]:
                                + ", ".join(TEMPLATES))
         return None
     if name not in TEMPLATES:
-        import difflib
-
         hint = difflib.get_close_matches(name, list(TEMPLATES), n=1)
         raise LorakitError(f"unknown template '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
                            + f" (known: auto, tokenizer, {', '.join(TEMPLATES)})")

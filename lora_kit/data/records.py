@@ -9,6 +9,7 @@ import csv
 import json
 import random
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -42,8 +43,6 @@ def bundled_path(name: str) -> Optional[Path]:
     """A dataset shipped in data/ (source tree or installed package), by file stem."""
     dirs = [BUNDLED_DIR]
     try:
-        from importlib.resources import files
-
         dirs.append(Path(str(files("lora_kit.bundled"))))
     except (ModuleNotFoundError, TypeError):
         pass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from lora_kit.errors import LorakitError
 from lora_kit.export.common import Checkpoint, Lora, write_adapter
@@ -105,8 +106,6 @@ def main(args) -> int:
     with atomic_dir(out, force=True) as tmp:
         write_adapter(tmp, lora, args.rank, rows=rows, full=full, base_model=str(base_dir))
         if any(tuned_dir.glob("tokenizer*")):
-            from transformers import AutoTokenizer
-
             AutoTokenizer.from_pretrained(tuned_dir).save_pretrained(tmp)
         diff = _check(base_dir, tuned_dir, tmp)
         write_json(tmp / "extract_report.json", {"rank": args.rank, "overall_energy": overall,
@@ -122,8 +121,6 @@ def _check(base_dir: Path, tuned_dir: Path, adapter_dir: Path) -> float:
     """Max |logits(base + extracted adapter) − logits(tuned)| on the probe batch (reported; low rank is approximate)."""
     tok = None
     if any(tuned_dir.glob("tokenizer*")):
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(tuned_dir)
     rows = Checkpoint(tuned_dir).config.get("vocab_size") or (len(tok) if tok is not None else 2)
     ids = probe_batch(tok, rows, [])

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -35,6 +36,7 @@ from lora_kit.export.common import (
     write_adapter,
     write_safetensors_stream,
 )
+from lora_kit.export.gguf import export_gguf
 from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits, ulp_step
 from lora_kit.models.load import signature
 from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
@@ -66,8 +68,6 @@ def main(args) -> int:
             raise LorakitError(f"{a}: not an adapter directory (no adapter_config.json)")
     base = Path(find_base(adapters, args.model))
     if not base.is_dir():
-        from huggingface_hub import snapshot_download
-
         base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     loaded = [read_adapter(a) for a in adapters]
     task = "SEQ_CLS" if any(a.task_type == "SEQ_CLS" for a in loaded) else "CAUSAL_LM"
@@ -87,8 +87,6 @@ def main(args) -> int:
             info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
                         task_type=task, verification=result, rows_only=kept is not None)
             if args.format == "gguf":
-                from lora_kit.export.gguf import export_gguf
-
                 gguf_file = export_gguf(work, tmp, args.gguf_type, name=out.name)
                 info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type)
         finally:

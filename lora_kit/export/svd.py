@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from lora_kit.errors import LorakitError
 from lora_kit.export.common import (
@@ -144,8 +145,6 @@ def main(args) -> int:
                       base_model=str(base_dir) if base_dir else None)
         tok_dir = adapter_tokenizer_dir(paths, paths[0])
         if tok_dir is not None and any(tok_dir.glob("tokenizer*")):
-            from transformers import AutoTokenizer
-
             AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
         write_json(tmp / "svd_report.json", {"rank": args.rank, "overall_energy": overall, "layers": report})
         write_json(tmp / "run.json", run_info("svd", str(base_dir or ""), new_token_ids=new_token_ids(paths),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub import try_to_load_from_cache
+
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import resolve_model
 from lora_kit.recipe import DataArgs, LoraArgs
@@ -98,8 +100,6 @@ def load_shape(model: str) -> tuple[Shape, str]:
         return Shape.from_config(KNOWN[model.lower()], model), f"built-in {model.lower()} shape"
     cached = None
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(model, "config.json")
     except Exception:  # a malformed repo id: reported below like any unknown name
         pass

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -245,11 +249,6 @@ def check_checkpoint(checkpoint) -> None:
     must load with torch.load(weights_only=True) and the Trainer's numpy allowlist, as the Trainer and PPO load them.
     One that holds anything else (a payload that would run code) is refused in one line naming it, instead of the
     library's traceback on resume."""
-    import pickle
-    import re
-    import warnings
-    import zipfile
-
     from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer allows in rng_state.pth
 
     for f in sorted(Path(checkpoint).iterdir()):

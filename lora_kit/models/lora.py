@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.other import TrainableTokensWrapper
 
 from lora_kit.models.load import check_adapter_files, sharded_by_fsdp
@@ -21,8 +21,6 @@ def freeze_base(model, gradient_checkpointing: bool = False):
     memory"), and FSDP needs one dtype per flat parameter anyway (TRL skips it for sharded QLoRA too)."""
     quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
     if quantized and model.get_input_embeddings().weight.dtype == torch.float16 and not sharded_by_fsdp():
-        from peft import prepare_model_for_kbit_training
-
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model.requires_grad_(False)
     if gradient_checkpointing:

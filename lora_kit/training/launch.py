@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from lora_kit.errors import LorakitError
+from lora_kit.models.load import device
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -40,8 +41,6 @@ def worker_env(nproc: int) -> dict[str, str]:
     one thread); a user's OMP_NUM_THREADS wins."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
-        from lora_kit.models.load import device
-
         if device() == "cpu":
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     return env

@@ -3,6 +3,7 @@ HF fast tokenizer whose merges follow SentencePiece's own score order so both gi
 """
 from __future__ import annotations
 
+import base64
 import json
 from itertools import groupby
 from pathlib import Path
@@ -115,8 +116,6 @@ def hf_tokenizer_json(proto) -> str:
         norm[:0] = [{"type": "Strip", "strip_left": True, "strip_right": True},
                     {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
     if spec.precompiled_charsmap:  # e.g. nmt_nfkc: the same compiled rules SentencePiece applies
-        import base64
-
         norm.insert(0, {"type": "Precompiled",
                         "precompiled_charsmap": base64.b64encode(spec.precompiled_charsmap).decode()})
     decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},

@@ -10,6 +10,7 @@ from pathlib import Path
 from lora_kit.data.corpora import iter_lines
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import load_tokenizer, resolve_model
+from lora_kit.vocab.bytelevel import byte_to_unicode, from_bytelevel
 from lora_kit.vocab.sentencepiece import load_proto, processor
 
 
@@ -39,8 +40,6 @@ def _hf(spec: str):
         return tok(lines, add_special_tokens=False)["input_ids"]
 
     if byte_level:  # a byte-level token that is not whole UTF-8 characters is the byte-level form of byte fallback
-        from lora_kit.vocab.bytelevel import byte_to_unicode, from_bytelevel
-
         alphabet = set(byte_to_unicode().values())
         for token, i in tok.get_vocab().items():
             if i in tok.all_special_ids or not set(token) <= alphabet:

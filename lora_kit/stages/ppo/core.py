@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import device, sharded_by_fsdp
@@ -41,8 +42,6 @@ def init_processes() -> tuple[int, int]:
         raise LorakitError("ppo runs data-parallel only (each process holds the whole model); launch it with --nproc "
                            "or torchrun, without a DeepSpeed or FSDP config")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _group():
-        from accelerate import PartialState
-
         cpu = device() == "cpu"
         PartialState(cpu=cpu, backend="gloo" if cpu else None)
     return world()
