@@ -1,5 +1,6 @@
 """`lorakit dpo loss=...`: preference optimisation of a LoRA adapter with TRL's trainers: DPO and its TRL variants
-(loss_type), IPO, KTO (unpaired good/bad answers) against the base with the adapter disabled, and the reference-free
+(loss_type), IPO, KTO (unpaired good/bad answers) against the base (TRL's frozen copy of the fresh adapter, whose
+B is 0, or the adapter disabled), and the reference-free
 ORPO and SimPO (trl.experimental's ORPOTrainer and CPOTrainer). Prompts are rendered with lorakit's templates; every
 loss reports the same held-out pairwise accuracy (lora_kit.evaluate.preference).
 """
@@ -145,7 +146,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     print(f"lorakit dpo: {cfg.data}: {described}", flush=True)
 
     dtype = compute_dtype(cfg.dtype)
-    built = build(cfg, base, tokenizer)  # a ready LoRA model: TRL's reference is the base with the adapter disabled
+    built = build(cfg, base, tokenizer)  # TRL keeps a frozen copy as the reference: the base, since LoRA's B is 0
     model = built.model
     trainer_class, args_class, loss_args = trainer_setup(cfg, loss_type)
     keys = ", ".join(f"{k}={v}" for k, v in loss_args.items() if k not in ("truncation_mode", "label_smoothing"))
