@@ -134,3 +134,18 @@ def test_allow_pickle_is_honoured_by_every_stage(stage, pickled_base, corpus, tm
     assert main([*args, "--dry-run"]) == 2
     assert "pickle weights only" in capsys.readouterr().err
     assert main([*args, "allow_pickle=true", "--dry-run"]) == 0, capsys.readouterr().err
+
+
+def test_ppo_starts_from_sft_and_reward_adapters_of_an_extended_base(ext_untied, corpus, tmp_path):
+    """The alignment chain on an extended base: sft and rm both train the new rows, so ppo's actor (from the sft
+    adapter), critic (from the reward model) and reward all carry them, and the actor's rows keep training."""
+    model_dir, new_ids = ext_untied
+    sft_out, rm_out, ppo_out = tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
+    assert main(stage_args("sft", model_dir, tmp_path, sft_out)) == 0
+    assert main(stage_args("rm", model_dir, tmp_path, rm_out)) == 0
+    args = stage_args("ppo", model_dir, tmp_path, ppo_out)
+    args = [a for a in args if not a.startswith("reward_fn=")] + [f"sft_adapter={sft_out}", f"reward_adapter={rm_out}"]
+    assert main(args) == 0
+    before, after = saved_token_rows(sft_out), saved_token_rows(ppo_out)
+    assert set(after) == {"embed_tokens", "lm_head"} and set(saved_token_rows(ppo_out / "value")) == {"embed_tokens"}
+    assert (after["embed_tokens"] - before["embed_tokens"]).abs().max() > 0  # PPO moved the rows sft trained

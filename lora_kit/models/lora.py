@@ -100,6 +100,21 @@ def attach_token_rows(model, targets: dict[str, list[int]]):
                                                                         target_modules=list(targets))))
 
 
+def allow_partial_token_rows(model):
+    """Let adapters on one model differ in which modules carry trainable token rows (PPO: an actor from sft on an
+    untied base has embedding and lm_head rows, a reward model's adapter only embedding rows). peft's save and load
+    ask every trainable-token module for the adapter at hand and raise KeyError where only another adapter has rows;
+    such a module now answers with no rows. Call it again after an adapter has wrapped new modules."""
+    def only_own(method, rows):
+        return lambda name, *args: method(name, *args) if name in rows.trainable_tokens_delta else {}
+
+    for m in model.modules():
+        if isinstance(m, TrainableTokensWrapper) and "adapter_state_dict" not in vars(m):
+            m.adapter_state_dict = only_own(m.adapter_state_dict, m.token_adapter)
+            m.adapter_state_dict_load_map = only_own(m.adapter_state_dict_load_map, m.token_adapter)
+    return model
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,7 +18,7 @@ from torch import nn
 
 from lora_kit.errors import LorakitError
 from lora_kit.models.load import check_adapter_files
-from lora_kit.models.lora import lora_config
+from lora_kit.models.lora import allow_partial_token_rows, lora_config
 from lora_kit.stages.ppo.core import all_sum, world
 
 
@@ -50,7 +50,7 @@ class Roles:
         if sft_adapter:
             sft = _adapter_dir(sft_adapter, "sft_adapter")
             self.model = PeftModel.from_pretrained(base_model, str(sft), adapter_name="default", is_trainable=True)
-            self.model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
+            allow_partial_token_rows(self.model).load_adapter(str(sft), adapter_name="ref", is_trainable=False)
         else:
             self.model = get_peft_model(base_model, lora_config(lora, dropout=0.0, trainable_token_indices=token_rows),
                                         adapter_name="default")
@@ -59,19 +59,20 @@ class Roles:
         self.score_head: Optional[nn.Linear] = None
         if reward_adapter:
             rm = _adapter_dir(reward_adapter, "reward_adapter")
-            self.model.load_adapter(str(rm), adapter_name="reward", is_trainable=False)
+            allow_partial_token_rows(self.model).load_adapter(str(rm), adapter_name="reward", is_trainable=False)
             state = score_head_state(rm)
             self.score_head = nn.Linear(hidden, 1, bias="bias" in state)
             self.score_head.load_state_dict({k: v.float() for k, v in state.items()})
             self.score_head.requires_grad_(False)
         if reward_adapter and value_from_reward:  # InstructGPT initialises the value function from the RM
-            self.model.load_adapter(str(rm), adapter_name="value", is_trainable=True)
+            allow_partial_token_rows(self.model).load_adapter(str(rm), adapter_name="value", is_trainable=True)
             with torch.no_grad():
                 self.value_head.weight.copy_(self.score_head.weight)
                 self.value_head.bias.copy_(self.score_head.bias if self.score_head.bias is not None else 0)
         else:
             actor_rows = self.model.peft_config["default"].trainable_token_indices  # the critic reads tokens alike
-            self.model.add_adapter("value", lora_config(lora, dropout=0.0, trainable_token_indices=actor_rows))
+            allow_partial_token_rows(self.model).add_adapter("value", lora_config(lora, dropout=0.0,
+                                                                                  trainable_token_indices=actor_rows))
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout: the ratio π/π_old must be exactly 1 on the first PPO epoch
@@ -83,21 +84,8 @@ class Roles:
         self.named_trainable = {n: p for n, p in self.model.named_parameters()
                                 if {"default", "value"} & set(n.split(".")) and ("lora_" in n or "modules_to_save" in n
                                                                                 or "trainable_tokens" in n)}
-        self._check_token_rows(sft_adapter, reward_adapter if value_from_reward else "")
         self.named_trainable.update({f"value_head.{k}": p for k, p in self.value_head.named_parameters()})
         self._use("default")
-
-    def _check_token_rows(self, sft_adapter: str, value_source: str) -> None:
-        """Actor and critic must both train new token rows if any adapter here has them: peft saves one adapter only
-        when every trainable-token module it wraps knows that adapter."""
-        has = {a: bool(getattr(c, "trainable_token_indices", None)) for a, c in self.model.peft_config.items()}
-        if any(has.values()) and not (has["default"] and has["value"]):
-            source = {"default": sft_adapter or "the fresh actor", "value": value_source or "the fresh critic",
-                      "reward": "the reward model", "ref": sft_adapter}
-            yes = sorted({source[a] for a, v in has.items() if v})
-            no = sorted({source[a] for a, v in has.items() if not v})
-            raise LorakitError(f"new token rows are trained in {', '.join(yes)} but not in {', '.join(no)}: train the "
-                               f"sft and reward adapters with the same train_new_tokens")
 
     @property
     def device(self) -> torch.device:
@@ -192,12 +180,16 @@ class Roles:
             for n, p in self.named_trainable.items():
                 p.copy_(state[n])
 
+    def _save_adapter(self, out: Path, name: str) -> None:
+        allow_partial_token_rows(self.model)
+        self.model.save_pretrained(out, selected_adapters=[name], safe_serialization=True)
+
     def save(self, out: Path) -> None:
         """Actor adapter at the root of `out`; critic as out/value/ (adapter + value_head.safetensors)."""
 
-        self.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        self._save_adapter(out, "default")
         tmp = out / ".value-tmp"
-        self.model.save_pretrained(tmp, selected_adapters=["value"], safe_serialization=True)
+        self._save_adapter(tmp, "value")
         shutil.rmtree(out / "value", ignore_errors=True)
         (tmp / "value").rename(out / "value")
         shutil.rmtree(tmp, ignore_errors=True)
