@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from lora_kit.data.pairs import is_unpaired, pair_ids, read_judged, read_pairs
@@ -146,6 +147,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     print(f"lorakit dpo: {cfg.data}: {described}", flush=True)
 
     dtype = compute_dtype(cfg.dtype)
+    set_seed(cfg.seed)  # LoRA A is initialised here, before the trainer seeds anything (resume must match)
     built = build(cfg, base, tokenizer)  # TRL keeps a frozen copy as the reference: the base, since LoRA's B is 0
     model = built.model
     trainer_class, args_class, loss_args = trainer_setup(cfg, loss_type)
