@@ -206,3 +206,10 @@ def encode(tokenizer, template: Optional[Template], messages: list[Message], gen
 def prompt_ids(tokenizer, template: Optional[Template], messages: list[Message]) -> list[int]:
     """Token ids of a generation prompt (the conversation so far, ending in a user turn)."""
     return encode(tokenizer, template, messages, generation=True)[0]
+
+
+def without_partial_char(text: str) -> str:
+    """A finished answer's text without a trailing U+FFFD: generation that stops inside a multi-byte character (a
+    byte-level vocabulary spells a Han character with 2-3 tokens) leaves bytes that decode to it. vLLM leaves them
+    out; `lorakit chat` and `lorakit serve` do the same, so every back end returns the same text."""
+    return text[:-1] if text.endswith("\ufffd") else text

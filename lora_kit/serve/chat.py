@@ -8,7 +8,7 @@ import torch
 from transformers import TextStreamer
 
 from lora_kit.models.builder import load_for_inference
-from lora_kit.templates import prompt_ids, resolve
+from lora_kit.templates import prompt_ids, resolve, without_partial_char
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,17 +24,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="override the prompt template (default: the adapter's training template)")
 
 
+class _Streamer(TextStreamer):
+    """transformers' stdout streamer, ending without a partial character as the returned answer does."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        super().on_finalized_text(without_partial_char(text) if stream_end else text, stream_end)
+
+
 def reply(model, tokenizer, template, messages: list[dict], args, stream: bool = True) -> str:
     """The assistant's answer to `messages` (greedy unless temperature > 0), streamed to stdout if `stream`."""
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = args.temperature > 0
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=sample, temperature=args.temperature if sample else None,
                              top_p=args.top_p if sample else None, streamer=streamer,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return without_partial_char(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def main(args) -> int:

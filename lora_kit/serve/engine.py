@@ -29,7 +29,7 @@ from lora_kit.models.load import (
     resolve_model,
 )
 from lora_kit.rundir import read_run
-from lora_kit.templates import Template, prompt_ids, resolve
+from lora_kit.templates import Template, prompt_ids, resolve, without_partial_char
 
 
 @dataclass
@@ -257,6 +257,8 @@ class Engine:
                 text, reason = text[:at], "stop"
         if reason is None and len(job.generated) >= job.sampling.max_tokens:
             reason = "length"
+        if reason:
+            text = without_partial_char(text)
         end = len(text) if reason else len(text) - _held_back(text, job.sampling.stop)
         if end > job.sent:
             job.emit("text", text[job.sent:end])
