@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
@@ -98,6 +99,23 @@ def test_pack_keeps_records_whole_and_positions_restart():
             assert len(set(r["input_ids"][s:e])) == 1 and r["position_ids"][s:e] == list(range(e - s))
     batch = Collator(pad_id=0)(rows)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (3, 8) and batch["use_cache"] is False
+
+
+def test_prompt_loss_weight_trains_the_prompt_at_its_weight_through_packing(tok, tmp_path):
+    recs = [{"instruction": "判断情感", "input": "很好" * k, "output": "正面"} for k in (1, 3, 2)]
+    convs = conversations(read_records(str(write_jsonl(tmp_path / "a.jsonl", recs))))[0]
+    plain, _ = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64)
+    weighted, _ = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64, prompt_loss_weight=0.25)
+    for p, w in zip(plain, weighted):
+        assert w["input_ids"] == p["input_ids"] and "loss_weights" not in p
+        # the record's first token carries nothing; prompt tokens train at 0.25, answer tokens at 1 as before
+        assert w["labels"] == [-100] + p["input_ids"][1:] and w["loss_weights"][0] == 0.0
+        assert w["loss_weights"][1:] == [1.0 if l != -100 else 0.25 for l in p["labels"][1:]]
+    batch = Collator(pad_id=0)(pack(weighted, capacity=64))
+    assert batch["loss_weights"].dtype == torch.float32 and batch["input_ids"].shape[0] == 2
+    total = sum(sum(w["loss_weights"]) for w in weighted)
+    assert batch["loss_weights"].sum().item() == pytest.approx(total)  # padding weighs 0
+    assert ((batch["labels"] != -100) == (batch["loss_weights"] > 0)).all()
 
 
 def _cli(*args, cwd=None):

@@ -73,3 +73,37 @@ def test_trains_in_bf16_and_qlora_where_accelerate_hands_back_fp32_hidden_states
                                                  f"output_dir={tmp_path / 'out'}", *extra])
     out = sft.run(cfg)
     assert (out / "run.json").is_file()
+
+
+@pytest.mark.parametrize("phase", [0, 2])  # 0: the fused frozen-head path; 2: the chunked path with trained rows
+def test_weighted_positions_give_the_weighted_mean_of_the_models_token_losses(tiny_model_dir, monkeypatch, phase):
+    """SFT's prompt_loss_weight: loss and gradients equal sum(w * token loss) / sum(w) from the model's full logits,
+    with the trainer's per-batch normaliser and with the accumulated one `_get_num_items_in_batch` returns."""
+    model = model_for(tiny_model_dir, phase)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 400, (3, 40))
+    weights = torch.where(torch.rand(3, 40) < 0.3, 1.0, 0.1)
+    weights[:, 0] = 0.0
+    weights[2, 30:] = 0.0  # padding
+    labels = torch.where(weights > 0, ids, -100)
+    batch = {"input_ids": ids, "labels": labels, "loss_weights": weights}
+    monkeypatch.setattr(lmloss, "CHUNK", 16)
+    trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False, world_size=1))
+    total = lmloss.PositionLossTrainer._get_num_items_in_batch(trainer, [batch], "cpu")
+    assert total.item() == pytest.approx(weights[:, 1:].sum().item())
+    for nb in (None, total):
+        model.zero_grad()
+        ours = lmloss.PositionLossTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=nb)
+        ours.backward()
+        g_ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+        theirs = (per_token * weights[:, 1:]).sum() / weights[:, 1:].sum()
+        theirs.backward()
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        unweighted = per_token.sum() / (labels[:, 1:] != -100).sum()
+        assert abs(ours.item() - unweighted.item()) > 1e-3  # the weights changed the loss
+        for k, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(g_ours[k], p.grad, atol=1e-6, rtol=1e-4)

@@ -331,8 +331,13 @@ def fit_to_cutoff(seqs: list[list], cutoff_len: int, overlong: str, keep: str = 
     return [s[:cutoff_len] if keep == "start" else s[-cutoff_len:] for s in seqs]
 
 
-def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong: str = "truncate"):
-    """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped."""
+def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong: str = "truncate",
+                           prompt_loss_weight: float = 0.0):
+    """Examples {input_ids, labels} with -100 outside assistant turns; over-long records truncated or dropped.
+
+    With `prompt_loss_weight` > 0 the prompt's tokens are trained too, each at that weight against 1 for an answer
+    token: examples then carry `loss_weights` (one per token, the weight of predicting it) and labels everywhere but
+    the record's first token, which nothing in the record predicts (packed, the previous record's last token would)."""
     examples, stats = [], TokenStats()
     for rec, msgs in convs:
         ids, labels = encode(tokenizer, template, msgs, max_tokens=cutoff_len)
@@ -346,10 +351,14 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
             stats.dropped += 1  # nothing left to learn from (the answer was cut off entirely)
             continue
         stats.truncated += cut
-        examples.append({"input_ids": ids, "labels": labels})
         stats.records += 1
         stats.tokens += len(ids)
         stats.label_tokens += sum(l != -100 for l in labels[1:])
+        if prompt_loss_weight > 0:
+            weights = [0.0] + [1.0 if l != -100 else prompt_loss_weight for l in labels[1:]]
+            examples.append({"input_ids": ids, "labels": [-100] + ids[1:], "loss_weights": weights})
+        else:
+            examples.append({"input_ids": ids, "labels": labels})
     return examples, stats
 
 
@@ -385,11 +394,15 @@ def pack(examples: list[dict], capacity: int, seed: int = 0) -> list[dict]:
     rows = []
     for b in bins:
         row = {"input_ids": [], "labels": [], "position_ids": []}
+        if "loss_weights" in examples[b[0]]:
+            row["loss_weights"] = []
         for i in b:
             ex = examples[i]
             row["input_ids"] += ex["input_ids"]
             row["labels"] += ex["labels"]
             row["position_ids"] += list(range(len(ex["input_ids"])))
+            if "loss_weights" in row:
+                row["loss_weights"] += ex["loss_weights"]
         rows.append(row)
     return rows
 
@@ -412,7 +425,8 @@ def batch_padding(lengths: list[int], batch_size: int, grad_accum: int = 1, seed
 @dataclass
 class Collator:
     """Pads a batch to its longest row. Packed rows (with position_ids) get no attention_mask and use_cache=False: the
-    model then derives a block-diagonal causal mask from the restarting positions; pad tokens form their own segment."""
+    model then derives a block-diagonal causal mask from the restarting positions; pad tokens form their own segment.
+    Rows with `loss_weights` (prompt_loss_weight) keep them, padded with 0."""
 
     pad_id: int
 
@@ -424,16 +438,22 @@ class Collator:
             out["position_ids"] = []
         else:
             out["attention_mask"] = []
+        weighted = "loss_weights" in batch[0]
+        if weighted:
+            out["loss_weights"] = []
         for b in batch:
             n = len(b["input_ids"])
             pad = width - n
             out["input_ids"].append(b["input_ids"] + [self.pad_id] * pad)
             out["labels"].append(b["labels"] + [-100] * pad)
+            if weighted:
+                out["loss_weights"].append(b["loss_weights"] + [0.0] * pad)
             if packed:
                 out["position_ids"].append(b["position_ids"] + list(range(pad)))
             else:
                 out["attention_mask"].append([1] * n + [0] * pad)
-        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch = {k: torch.tensor(v, dtype=torch.float32 if k == "loss_weights" else torch.long)
+                 for k, v in out.items()}
         if packed:
             # With a cache, transformers skips packed-sequence detection and records attend to each other.
             batch["use_cache"] = False

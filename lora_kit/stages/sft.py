@@ -22,7 +22,7 @@ from lora_kit.errors import LorakitError
 from lora_kit.models.builder import build
 from lora_kit.models.load import compute_dtype
 from lora_kit.models.lora import count_parameters
-from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, section
+from lora_kit.recipe import DataArgs, LoraArgs, ModelArgs, TrainArgs, arg, section
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import install_callbacks, open_run, run_trainer, save_run, training_arguments
 
@@ -30,6 +30,8 @@ from lora_kit.training.run import install_callbacks, open_run, run_trainer, save
 @dataclass
 class Config(ModelArgs, DataArgs, TrainArgs):
     """The `lorakit sft` recipe: model, data, training and LoRA sections."""
+    prompt_loss_weight: float = arg(0.0, "also train on the prompt's tokens, each at this weight against 1 for an "
+                                         "answer token (0 = answers only)", "[0, 1]")
     lora: LoraArgs = section(LoraArgs, "LoRA adapter")
 
 
@@ -39,7 +41,8 @@ def prepare_data(cfg, tokenizer, template):
     if cfg.max_samples:
         records = records[: cfg.max_samples]
     convs, skipped = conversations(records, cfg.data_format, cfg.skip_bad_records)
-    examples, stats = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    examples, stats = tokenize_conversations(convs, tokenizer, template, cfg.cutoff_len, cfg.overlong,
+                                             cfg.prompt_loss_weight)
     stats.skipped = skipped
     if not examples:
         raise LorakitError(f"{cfg.data}: no record left after tokenization ({stats.line()})")

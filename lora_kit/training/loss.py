@@ -21,11 +21,12 @@ CHUNK = 1024
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100 = ignored), for a weight that needs no
-    gradient: d loss / d hidden = (softmax - onehot) @ weight is formed chunk by chunk during the forward."""
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100 = ignored), each position times its
+    `scale` (None = 1), for a weight that needs no gradient: d loss / d hidden = scale (softmax - onehot) @ weight is
+    formed chunk by chunk during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, scale=None):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], chunk):
@@ -34,10 +35,13 @@ class _FrozenHeadLoss(torch.autograd.Function):
             lse = torch.logsumexp(probs, dim=-1)
             valid = t != -100
             picked = t.clamp(min=0).unsqueeze(1)
-            loss += ((lse - probs.gather(1, picked).squeeze(1)) * valid).sum()
+            w = valid.float() if scale is None else scale[i: i + chunk].float() * valid
+            loss += ((lse - probs.gather(1, picked).squeeze(1)) * w).sum()
             probs.sub_(lse.unsqueeze(1)).exp_()
             probs.scatter_add_(1, picked, torch.full_like(lse, -1.0).unsqueeze(1))
-            if not valid.all():  # (sft and pretrain pass trained positions only: no pass over the chunk here)
+            if scale is not None:
+                probs.mul_(w.unsqueeze(1))
+            elif not valid.all():  # (sft and pretrain pass trained positions only: no pass over the chunk here)
                 probs[~valid] = 0
             grad[i: i + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
@@ -46,7 +50,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
 
 
 def _frozen_plain(head) -> bool:
@@ -57,40 +61,58 @@ def _frozen_plain(head) -> bool:
             and not hasattr(head, "_hf_hook"))
 
 
-def head_loss_sum(head, hidden, targets, chunk: int = CHUNK):
-    """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n), `chunk` positions at a time."""
+def head_loss_sum(head, hidden, targets, chunk: int = CHUNK, scale=None):
+    """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n), `chunk` positions at a time;
+    with `scale` (n), each position's term times its scale."""
     weight = getattr(head, "weight", None)  # accelerate returns fp32 outputs from a bf16 model; the head wants its own
     hidden = hidden.to(weight.dtype) if weight is not None else hidden
     if _frozen_plain(head) and hidden.requires_grad:
-        return _FrozenHeadLoss.apply(hidden, weight, targets, chunk)
-    return sum(cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], ignore_index=-100,
-                             reduction="sum") for i in range(0, hidden.shape[0], chunk))
+        return _FrozenHeadLoss.apply(hidden, weight, targets, chunk, scale)
+    if scale is None:
+        return sum(cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], ignore_index=-100,
+                                 reduction="sum") for i in range(0, hidden.shape[0], chunk))
+    return sum((cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], ignore_index=-100,
+                              reduction="none") * scale[i: i + chunk].float()).sum()
+               for i in range(0, hidden.shape[0], chunk))
 
 
 class PositionLossTrainer(transformers.Trainer):
     """Computes the loss from the final hidden states at the trained positions (SFT labels only assistant tokens, ~9%
     of a packed alpaca_zh row; pretraining trains all). The model call still goes through every wrapper (DDP, PEFT);
     its own head sees no position (`logits_to_keep` is an all-false mask). Same sum and normaliser as the model's
-    loss."""
+    loss. Rows with `loss_weights` (SFT's prompt_loss_weight) weigh each predicted token; the normaliser is then the
+    sum of the weights instead of the count of labels."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         targets = pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts label t+1
         keep = targets != -100
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=torch.zeros_like(keep),
-                        output_hidden_states=True)
+        weights = inputs.get("loss_weights")
+        scale = None if weights is None else pad(weights[:, 1:], (0, 1), value=0.0)[keep]
+        outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")},
+                        logits_to_keep=torch.zeros_like(keep), output_hidden_states=True)
         hidden = outputs.hidden_states[-1][keep]  # after the final norm (transformers ties the last entry to it)
         if hidden.shape[0] == 0:  # nothing trained in this batch: a zero that still has a graph
             loss = outputs.hidden_states[-1].sum() * 0.0
         else:
-            loss = head_loss_sum(_unwrap(model).get_output_embeddings(), hidden, targets[keep], CHUNK)
+            loss = head_loss_sum(_unwrap(model).get_output_embeddings(), hidden, targets[keep], CHUNK, scale)
         if num_items_in_batch is None:
-            loss = loss / keep.sum().clamp(min=1)
+            loss = loss / (keep.sum().clamp(min=1) if scale is None else scale.sum().clamp(min=1e-8))
         else:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:  # the trainer averages gradients over processes
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """The normaliser of an accumulated step: transformers counts the labels; weighted rows sum their weights
+        (over all processes, as transformers sums the counts when it averages tokens across devices)."""
+        if not (batch_samples and "loss_weights" in batch_samples[0]):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        total = sum(b["loss_weights"][..., 1:].sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
 
     def _get_train_sampler(self, train_dataset=None):
         """`group_by_length` as transformers does it, but grouped by the *global* batch (processes x per-device batch x
