@@ -134,6 +134,22 @@ def test_kill_during_a_forced_rerun_then_the_previous_run_is_back(tiny_model_dir
     assert tree(out) == before
 
 
+@pytest.mark.parametrize("limit", [60_000, 100_000])  # fails writing the checkpoint's adapter / its optimizer state
+def test_disk_full_during_a_forced_rerun_leaves_the_previous_run_byte_for_byte(tiny_model_dir, finished, limit):
+    """A full disk, as the process sees it: RLIMIT_FSIZE makes every write past `limit` bytes fail with EFBIG (Python
+    ignores SIGXFSZ), part-way through the rerun's first checkpoint. One line, exit 1, the old run as it was."""
+    import resource
+
+    out, before = finished
+    cmd = [sys.executable, "-m", "lora_kit.cli", *sft(tiny_model_dir, out, "force=true")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(),
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert max(len(v) for k, v in before.items() if k.startswith("checkpoints/")) > limit  # something must not fit
+    assert proc.returncode == 1
+    assert "lorakit sft: error: could not write a file" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree(out) == before
+
+
 # ---------------------------------------------------------------------------------------------------- 3: one writer
 def test_second_writer_fails_at_once_naming_the_first(tiny_model_dir, tmp_path, capsys):
     out, alone = tmp_path / "shared", tmp_path / "alone"
