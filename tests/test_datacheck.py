@@ -156,6 +156,19 @@ def test_every_stage_drops_what_data_check_says_it_drops(stage, tiny_model_dir, 
     assert dropped in printed, printed
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_a_prompt_set_with_every_prompt_over_cutoff_is_one_line_naming_the_file(stage, tiny_model_dir, tmp_path,
+                                                                                  capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "长" * 80}, {"instruction": "也" * 80}])
+    extra = {"ppo": ["reward_fn=ppo_rewards:de_share"], "grpo": ["rewards=han_share:1", "eval_data="]}[stage]
+    capsys.readouterr()
+    assert main([stage, f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'o'}", "cutoff_len=32",
+                 "overlong=drop", "eval_fraction=0", *extra, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lorakit {stage}: error: {data}: every training prompt is over cutoff_len=32 (overlong=drop)\n"
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "pretrain"])
 def test_training_stops_on_the_first_problem_check_reports(stage, tiny_model_dir, tmp_path, capsys):
     """Training validates with the same functions before it loads the model: the same file:line: field message."""

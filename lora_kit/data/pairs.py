@@ -49,12 +49,15 @@ def pair_ids(tokenizer, template, pair: Pair, cutoff_len: int, overlong: str) ->
 
 # ---------------------------------------------------------------------------------------------------- prompts
 def fitted_prompts(prompts: list, tokenizer, template, cutoff_len: int, overlong: str,
-                   messages=lambda p: p) -> tuple[list, list[list[int]]]:
+                   messages=lambda p: p, training: str = "") -> tuple[list, list[list[int]]]:
     """(prompts kept, their generation-prompt token ids) under the stages' cutoff rule (`fit_to_cutoff`): an over-long
     prompt keeps its last cutoff_len tokens (the question is at its end), or is left out with overlong=drop.
-    `messages(p)`: the conversation of a prompt item (PPO's items are conversations, GRPO's (conversation, answer))."""
+    `messages(p)`: the conversation of a prompt item (PPO's items are conversations, GRPO's (conversation, answer)).
+    `training`: the data source of a stage's training prompts, which must not all be dropped."""
     kept = [(p, ids[0]) for p in prompts if (ids := fit_to_cutoff([prompt_ids(tokenizer, template, messages(p))],
                                                                   cutoff_len, overlong, keep="end"))]
+    if training and prompts and not kept:
+        raise LorakitError(f"{training}: every training prompt is over cutoff_len={cutoff_len} (overlong=drop)")
     return [p for p, _ in kept], [q for _, q in kept]
 
 

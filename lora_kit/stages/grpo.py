@@ -149,10 +149,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         held = read_prompts_with_answers(cfg.eval_data, 0, cfg.skip_bad_records)
     held = held[: cfg.eval_samples]
     n_train = len(train)
-    train, train_ids = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
+    train, train_ids = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0],
+                                      training=cfg.data)
     held, _ = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
-    if not train:
-        raise LorakitError(f"{cfg.data}: every training prompt is over cutoff_len={cfg.cutoff_len} (overlong=drop)")
     print(f"lorakit grpo: {cfg.data}: {len(train)} training prompts ({n_train - len(train)} dropped as over-long), "
           f"{len(held)} held-out prompts ({cfg.eval_data or 'split from data'})", flush=True)
 

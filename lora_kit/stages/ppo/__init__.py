@@ -308,10 +308,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     train, held = split_eval(prompts, cfg.eval_fraction, cfg.seed)
     held = held[: cfg.eval_samples]
     n_prompts = len(train) + len(held)
-    train, queries = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong)
+    train, queries = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong, training=cfg.data)
     held, _ = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong)
-    if not train:
-        raise LorakitError(f"{cfg.data}: every training prompt is over cutoff_len={cfg.cutoff_len} (overlong=drop)")
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
