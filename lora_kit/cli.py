@@ -8,7 +8,7 @@ import importlib
 import os
 import shlex
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 from lora_kit.commands import BY_NAME, COMMANDS, Command
 from lora_kit.errors import LorakitError
@@ -57,18 +57,33 @@ DISK_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded
 WRITER_ERRORS = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")  # torch.save's, which has no errno
 
 
-def write_failure(e: Optional[BaseException]) -> Optional[str]:
+def write_failure(e: Optional[BaseException], argv: Sequence[str] = ()) -> Optional[str]:
     """Why a library failed to write a file (torch.save raises RuntimeError, safetensors its own error, neither an
-    OSError), from the exception and the ones it happened while handling; None for any other exception."""
-    chain = []
+    OSError), from the exception and the ones it happened while handling; None for any other exception. Names the
+    file when an exception in the chain carries it, else the command's output directory from `argv`."""
+    chain, filename = [], None
     while e is not None and len(chain) < 10:
         chain.append(str(e))
+        filename = filename or getattr(e, "filename", None)
         e = e.__cause__ or e.__context__
+    what = f"could not write {filename}" if filename else "could not write a file"
+    out = None if filename else output_of(argv)
+    what += f" under {out}" if out else ""
     for phrase in DISK_ERRORS:
         if any(phrase in text for text in chain):
-            return f"could not write a file ({phrase})"
+            return f"{what} ({phrase})"
     if any(w in text for w in WRITER_ERRORS for text in chain):
-        return "could not write a file (is the disk full?)"
+        return f"{what} (is the disk full?)"
+    return None
+
+
+def output_of(argv: Sequence[str]) -> Optional[str]:
+    """The output directory a command line names (`output_dir=X`, `--output X`, `--output=X`, `-o X`), if any."""
+    for i, a in enumerate(argv):
+        if a.startswith(("output_dir=", "--output=")):
+            return a.split("=", 1)[1] or None
+        if a in ("--output", "-o") and i + 1 < len(argv):
+            return argv[i + 1]
     return None
 
 
@@ -80,6 +95,13 @@ def interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
         return f"interrupted ({name})"
     again = shlex.join(["lorakit", *[a for a in argv if not a.startswith("resume=")], "resume=true"])
     return f"stopped by {name}; checkpoint saved: {checkpoint}; continue with: {again}"
+
+
+def close_bars() -> None:
+    """End the progress bars an exception left open, so the error starts its own line instead of the bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -106,22 +128,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         module.add_arguments(parser)
         return int(module.main(parser.parse_args(argv[1:])) or 0)
     except LorakitError as e:
+        close_bars()
         print(f"lorakit {cmd.name}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head & co.
         return 0
     except OSError as e:  # full disk, vanished or unwritable paths: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""
+        close_bars()
         print(f"lorakit {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except Exception as e:
-        reason = write_failure(e)
+        reason = write_failure(e, argv)
         if reason is None:
             raise  # a bug: keep the traceback
+        close_bars()
         print(f"lorakit {cmd.name}: error: {reason}; free some space and run the command again "
               "(training: with resume=true)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or training.interrupt.Interrupted (not imported here: it loads torch)
+        close_bars()
         print(f"lorakit {cmd.name}: {interrupted(e, argv)}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
 
