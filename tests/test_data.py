@@ -104,8 +104,12 @@ def test_pack_keeps_records_whole_and_positions_restart():
 def test_prompt_loss_weight_trains_the_prompt_at_its_weight_through_packing(tok, tmp_path):
     recs = [{"instruction": "判断情感", "input": "很好" * k, "output": "正面"} for k in (1, 3, 2)]
     convs = conversations(read_records(str(write_jsonl(tmp_path / "a.jsonl", recs))))[0]
-    plain, _ = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64)
-    weighted, _ = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64, prompt_loss_weight=0.25)
+    plain, ps = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64)
+    weighted, ws = tokenize_conversations(convs, tok, resolve("auto", tok), cutoff_len=64, prompt_loss_weight=0.25)
+    answer = sum(sum(l != -100 for l in p["labels"][1:]) for p in plain)
+    prompt = sum(len(p["input_ids"]) - 1 for p in plain) - answer
+    assert f"({answer} trained)" in ps.line() and prompt > answer > 0
+    assert f"({answer} answer tokens at weight 1, {prompt} prompt tokens at 0.25)" in ws.line()  # the log says both
     for p, w in zip(plain, weighted):
         assert w["input_ids"] == p["input_ids"] and "loss_weights" not in p
         # the record's first token carries nothing; prompt tokens train at 0.25, answer tokens at 1 as before

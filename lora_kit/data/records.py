@@ -316,7 +316,10 @@ class TokenStats:
     extra: dict = field(default_factory=dict)
 
     def line(self) -> str:
-        return (f"{self.records} records, {self.tokens} tokens ({self.label_tokens} trained), "
+        prompt = self.extra.get("prompt_trained")  # prompt_loss_weight > 0: the prompt's tokens train too
+        trained = (f"{self.label_tokens} answer tokens at weight 1, {prompt[0]} prompt tokens at {prompt[1]:g}"
+                   if prompt else f"{self.label_tokens} trained")
+        return (f"{self.records} records, {self.tokens} tokens ({trained}), "
                 f"{self.truncated} truncated, {self.dropped} dropped, {self.skipped} skipped")
 
 
@@ -356,6 +359,8 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
         stats.label_tokens += sum(l != -100 for l in labels[1:])
         if prompt_loss_weight > 0:
             weights = [0.0] + [1.0 if l != -100 else prompt_loss_weight for l in labels[1:]]
+            done = stats.extra.get("prompt_trained", (0, prompt_loss_weight))[0]
+            stats.extra["prompt_trained"] = (done + sum(l == -100 for l in labels[1:]), prompt_loss_weight)
             examples.append({"input_ids": ids, "labels": [-100] + ids[1:], "loss_weights": weights})
         else:
             examples.append({"input_ids": ids, "labels": labels})
