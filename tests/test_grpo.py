@@ -140,3 +140,27 @@ def test_grpo_from_sft_adapter_with_verifiable_reward_and_held_out_curve(tiny_mo
     run = json.loads((out / "run.json").read_text())
     assert run["held_out_reward"] == evals[-1]["eval_reward"]
     assert sorted(load_file(out / "adapter_model.safetensors")) == sorted(load_file(sft / "adapter_model.safetensors"))
+
+
+def test_held_out_prompts_are_cut_to_cutoff_len_as_the_training_prompts(tiny_model_dir, tmp_path, monkeypatch):
+    """An over-long held-out prompt is answered from its last cutoff_len tokens, as GRPO trains on such prompts;
+    the held-out curve would otherwise score prompts the policy never sees at that length."""
+    import lora_kit.stages.grpo as grpo
+
+    seen = []
+
+    def spy(*a, encoded=None, **kw):
+        seen.append([len(e) for e in encoded])
+        return real(*a, encoded=encoded, **kw)
+
+    real, cutoff = grpo.generate_answers, 24
+    monkeypatch.setattr(grpo, "generate_answers", spy)
+    data = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "情感？", "input": "评论" * (2 + 10 * (i % 2)),
+                                              "output": "正面"} for i in range(16)])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    full = [len(tok.apply_chat_template([{"role": "user", "content": "情感？\n" + "评论" * k}], tokenize=True,
+                                        add_generation_prompt=True)["input_ids"]) for k in (2, 12)]
+    assert main(args(tiny_model_dir, data, tmp_path / "g", "rewards=sentiment:1", "eval_fraction=0.5",
+                     "eval_steps=2", "max_steps=1", f"cutoff_len={cutoff}")) == 0
+    assert seen and all(max(s) <= cutoff for s in seen)
+    assert max(full) > cutoff and cutoff in seen[0]  # a long prompt was there and was cut, not left out

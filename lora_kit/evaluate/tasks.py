@@ -3,6 +3,8 @@ the way each task is measured: segmentation by word P/R/F1, sentiment by accurac
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from tqdm.auto import tqdm
 
@@ -16,9 +18,12 @@ MAX_NEW_TOKENS = {"sentiment": 8, "segment": 96}  # 正面/负面 is 2-4 tokens;
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, template, prompts: list[list[dict]], *, max_new_tokens: int = 32,
-                     batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy answers for conversations ending in a user turn; batched with left padding."""
-    encoded = [prompt_ids(tokenizer, template, msgs) for msgs in prompts]
+                     batch_size: int = 8, progress: bool = True,
+                     encoded: Optional[list[list[int]]] = None) -> list[str]:
+    """Greedy answers for conversations ending in a user turn; batched with left padding. `encoded`: the prompts'
+    generation-prompt ids when the caller already has them (cut to a stage's cutoff_len), else encoded here."""
+    if encoded is None:
+        encoded = [prompt_ids(tokenizer, template, msgs) for msgs in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     answers: list[str] = [""] * len(encoded)
     pad = tokenizer.pad_token_id

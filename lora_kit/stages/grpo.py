@@ -93,8 +93,9 @@ class HeldOutEval(TrainerCallback):
     eval_reward (the weighted sum): at step 0, every `every` steps and at the end. Greedy decoding draws no random
     numbers, so training continues exactly as without it."""
 
-    def __init__(self, out: Path, rows: list, rewards: list, weights: dict, tokenizer, template, cfg, every: int):
-        self.out, self.rows, self.rewards, self.weights = out, rows, rewards, weights
+    def __init__(self, out: Path, rows: list, ids: list, rewards: list, weights: dict, tokenizer, template, cfg,
+                 every: int):
+        self.out, self.rows, self.ids, self.rewards, self.weights = out, rows, ids, rewards, weights
         self.tokenizer, self.template, self.cfg, self.every = tokenizer, template, cfg, every
         self.trainer, self.last = None, {}
 
@@ -105,7 +106,8 @@ class HeldOutEval(TrainerCallback):
         messages = [m for m, _ in self.rows]
         answers = generate_answers(model, self.tokenizer, self.template, messages,
                                    max_new_tokens=self.cfg.max_new_tokens,
-                                   batch_size=self.cfg.batch_size * self.cfg.num_generations, progress=False)
+                                   batch_size=self.cfg.batch_size * self.cfg.num_generations, progress=False,
+                                   encoded=self.ids)  # cut to cutoff_len as the training prompts are
         model.train(was_training)
         refs = [r for _, r in self.rows]
         row, total = {"step": step}, 0.0
@@ -151,7 +153,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     n_train = len(train)
     train, train_ids = fitted_prompts(train, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0],
                                       training=cfg.data)
-    held, _ = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
+    held, held_ids = fitted_prompts(held, tokenizer, template, cfg.cutoff_len, cfg.overlong, messages=lambda r: r[0])
     print(f"lorakit grpo: {cfg.data}: {len(train)} training prompts ({n_train - len(train)} dropped as over-long), "
           f"{len(held)} held-out prompts ({cfg.eval_data or 'split from data'})", flush=True)
 
@@ -187,7 +189,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     install_callbacks(trainer, out, desc="grpo")
     held_eval = None
     if held:
-        held_eval = HeldOutEval(out, held, rewards, weights, tokenizer, template, cfg, cfg.eval_steps or cfg.save_steps)
+        held_eval = HeldOutEval(out, held, held_ids, rewards, weights, tokenizer, template, cfg,
+                                cfg.eval_steps or cfg.save_steps)
         held_eval.trainer = trainer
         trainer.add_callback(held_eval)
     if is_main_process():
