@@ -220,6 +220,9 @@ def test_refusals(ext_tied, tiny_model_dir, corpus, tmp_path, capsys):
     assert "no new_token_ids in run.json" in capsys.readouterr().err
     assert pretrain(model_dir, corpus, tmp_path / "b", "phases=[3]") == 2
     assert "phases must be" in capsys.readouterr().err
+    assert pretrain(tiny_model_dir, corpus, tmp_path / "d", "phases=[2]", "phase2.align_weight=1") == 2
+    err = capsys.readouterr().err  # alignment spells new tokens in the base's ids: a plain model has neither
+    assert "run.json: field 'base_model' is missing; align_weight needs" in err and not (tmp_path / "d/phase2").exists()
     out = tmp_path / "c"
     assert pretrain(model_dir, corpus, out, "phases=[1]", "phase1.max_steps=1") == 0
     assert pretrain(model_dir, corpus, out, "phases=[1]", "phase1.max_steps=1") == 2
@@ -275,3 +278,55 @@ def test_phase2_in_4bit_keeps_rows_and_lora_in_full_precision(ext_tied, corpus, 
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert weights["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape[0] == len(new_ids)
     assert any("lora_B" in k for k in weights)
+
+
+def test_spelling_reads_the_same_text_and_aligns_on_word_ends(ext_tied, lines):
+    from transformers import AutoTokenizer
+
+    from lora_kit.training.align import spell_out, spelling_table
+
+    model_dir, new_ids = ext_tied
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoTokenizer.from_pretrained(read_run(model_dir)["base_model"])
+    parts, lengths = spelling_table(base, tok, new_ids, len(tok))
+    assert (lengths[new_ids] > 1).all() and (lengths[:new_ids[0]] == 1).all()
+    ids = torch.tensor([tok(l, add_special_tokens=False)["input_ids"][:24] for l in lines[:8]
+                        if len(tok(l, add_special_tokens=False)["input_ids"]) >= 24][:2])
+    assert (ids >= new_ids[0]).any()
+    spelt, ends = spell_out(ids, parts, lengths, pad_id=0)
+    assert (spelt < new_ids[0]).all()
+    for b in range(ids.shape[0]):  # the base reading ends every prefix of the extended one on the same text
+        for i in (0, 5, 23):
+            assert base.decode(spelt[b, :ends[b, i] + 1]) == tok.decode(ids[b, :i + 1])
+
+
+@pytest.mark.slow
+def test_align_weight_pulls_new_rows_toward_their_spelling(ext_tied, corpus, tmp_path):
+    """Phase 1 with the alignment loss beside the LM loss: the alignment loss falls, only the new rows change, and
+    a block without new tokens reads the same both ways (loss exactly 0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_kit.training.align import align_loss, spell_out, spelling_table
+
+    model_dir, new_ids = ext_tied
+    out = tmp_path / "out"
+    assert pretrain(model_dir, corpus, out, "phases=[1]", "phase1.max_steps=8", "phase1.align_weight=5",
+                    "phase1.learning_rate=5e-2", "logging_steps=1") == 0
+    rows = [json.loads(l) for l in (out / "phase1" / "metrics.jsonl").read_text().splitlines()]
+    aligned = [r["align_loss"] for r in rows if "align_loss" in r]
+    assert len(aligned) == 8 and aligned[-1] < 0.8 * aligned[0]
+    before, after = base_state(model_dir), with_adapter(model_dir, out).merge_and_unload().state_dict()
+    assert changed_rows(before["lm_head.weight"], after["lm_head.weight"]) == new_ids
+    assert all(torch.equal(w, after[n]) for n, w in before.items() if n != "lm_head.weight"
+               and n != "model.embed_tokens.weight")
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoTokenizer.from_pretrained(read_run(model_dir)["base_model"])
+    parts, lengths = spelling_table(base, tok, new_ids, len(tok))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    plain = torch.tensor([base("the model reads plain text", add_special_tokens=False)["input_ids"]])
+    spelt, ends = spell_out(plain, parts, lengths, pad_id=0)
+    assert torch.equal(spelt, plain) and torch.equal(ends[0], torch.arange(plain.shape[1]))
+    with torch.no_grad():
+        h = model(input_ids=plain, output_hidden_states=True).hidden_states
+    assert align_loss(h, h, ends).item() == 0.0

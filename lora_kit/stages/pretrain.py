@@ -52,6 +52,7 @@ from lora_kit.rundir import (
     write_json,
     write_text,
 )
+from lora_kit.training.align import AlignedRowsTrainer, spelling_table
 from lora_kit.training.loss import PositionLossTrainer
 from lora_kit.training.run import (
     install_callbacks,
@@ -72,6 +73,8 @@ class PhaseArgs(ScheduleArgs):
     """The `phase1.*` / `phase2.*` recipe sections: the shared schedule keys, and which embedding rows train."""
     max_steps: int = arg(100, "optimizer steps of this phase (0 = skip its training, still evaluated)", GE0)
     train_all_embeddings: bool = arg(False, "train the whole embedding (and untied lm_head), not only the new rows")
+    align_weight: float = arg(0.0, "weight of the hidden-state alignment loss: new rows learn to read like the base "
+                                   "tokens that spell them (0 = next-token loss only; needs an extend-vocab base)", GE0)
 
 
 def _phase(help: str, **defaults):
@@ -201,10 +204,20 @@ def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
             "eval_chars": s.chars, "eval_tokens": s.tokens}
 
 
+def base_tokenizer(base: str, cfg: Config):
+    """The tokenizer of the model `lorakit extend-vocab` extended into `base` (its run.json's base_model)."""
+    name = read_run(Path(base)).get("base_model")
+    if not name:
+        raise LorakitError(f"{base}/run.json: field 'base_model' is missing; align_weight needs the model that "
+                           "extend-vocab extended (to spell the new tokens in its ids)")
+    return load_tokenizer(resolve_model(name), cfg.trust_remote_code)
+
+
 # ---------------------------------------------------------------------------------------------------- one phase
 def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
-                base: str, new_ids: list[int], rows: list[int]) -> dict:
-    """Train, evaluate and save phase n into OUT/phaseN. Returns the phase's run.json."""
+                base: str, new_ids: list[int], rows: list[int], base_tok=None) -> dict:
+    """Train, evaluate and save phase n into OUT/phaseN (`base_tok`: the tokenizer extend-vocab extended, for
+    align_weight). Returns the phase's run.json."""
     d, settings = phase_dir(out, n), _phase_settings(cfg, n, out)
     metrics = d / "metrics.jsonl"
     before = next((r for r in read_metrics(metrics) if r.get("when") == "before"), None)
@@ -216,8 +229,16 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
     start_step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0
     t0 = time.time()
     args = training_arguments(settings, d, compute_dtype(cfg.dtype))
-    trainer = PositionLossTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
-                                  processing_class=tokenizer)
+    common = dict(model=model, args=args, train_dataset=train_ds, data_collator=collate_blocks,
+                  processing_class=tokenizer)
+    weight = getattr(cfg, f"phase{n}").align_weight
+    if weight > 0:
+        parts, lengths = spelling_table(base_tok, tokenizer, new_ids,
+                                        model.get_input_embeddings().weight.shape[0])
+        trainer = AlignedRowsTrainer(**common, parts=parts, lengths=lengths, weight=weight,
+                                     pad_id=tokenizer.pad_token_id or 0)
+    else:
+        trainer = PositionLossTrainer(**common)
     install_callbacks(trainer, d, phase=f"phase{n}", desc=f"pretrain phase {n}")
     run_trainer(trainer, ckpt)  # killed after the phase's last checkpoint: its weights are loaded, no step is taken
     steps = trainer.state.global_step - start_step
@@ -307,6 +328,11 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     new_ids = new_token_ids(base)
+    aligned = [n for n in chain if getattr(cfg, f"phase{n}").align_weight > 0]
+    spelling = base_tokenizer(base, cfg) if aligned else None  # checked before any data is read or model loaded
+    if aligned and not new_ids:
+        raise LorakitError(f"phase{aligned[0]}.align_weight: {base} has no new tokens to align (not an extend-vocab "
+                           "output)")
 
     corpus = Corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.eval_max_docs, cfg.seed, cfg.max_docs)
     eval_docs = corpus.eval_docs()
@@ -339,7 +365,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
             print(f"lorakit pretrain: phase 2 continues {copied:,} embedding rows from {phase_dir(out, 1)}")
         elif n == 2 and 1 not in chain:
             print(f"lorakit pretrain: no finished phase 1 in {phase_dir(out, 1)}; phase 2 starts from the base rows")
-        train_phase(n, cfg, out, ckpts[n], model, tokenizer, train_ds, eval_docs, base, new_ids, rows)
+        train_phase(n, cfg, out, ckpts[n], model, tokenizer, train_ds, eval_docs, base, new_ids, rows, spelling)
         del model
     if dry_run:
         return out

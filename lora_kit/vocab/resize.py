@@ -49,6 +49,11 @@ def resize_model(model, n_tokens: int, base_tokens: int, new_ids: list[int], par
     return rows
 
 
+def spell(base_tokenizer, tokenizer, new_ids: list[int]) -> list[list[int]]:
+    """The base ids that spell each of `tokenizer`'s `new_ids` (the text of the token, encoded by the base)."""
+    return [base_tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] for i in new_ids]
+
+
 def grow_to_tokenizer(model, base_tokenizer, tokenizer, rows: int = 0) -> int:
     """Resize a base model for a tokenizer that extends the base's (an adapter trained on an extended vocabulary):
     each new token's rows are the mean of the base rows that spell its text, as `lorakit extend-vocab` initialises
@@ -56,7 +61,7 @@ def grow_to_tokenizer(model, base_tokenizer, tokenizer, rows: int = 0) -> int:
     embedding size `rows` when known, else the tokenizer's padded as extend-vocab pads. Returns the new row count."""
     start = len(base_tokenizer)
     new_ids = list(range(start, len(tokenizer)))
-    parts = [base_tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] for i in new_ids]
+    parts = spell(base_tokenizer, tokenizer, new_ids)
     if rows:
         return resize_model(model, max(len(tokenizer), rows), start, new_ids, parts, multiple=1)
     return resize_model(model, len(tokenizer), start, new_ids, parts)
