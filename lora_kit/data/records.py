@@ -313,12 +313,13 @@ class TokenStats:
     skipped: int = 0
     tokens: int = 0
     label_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens trained at prompt_weight (SFT's prompt_loss_weight > 0)
+    prompt_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def line(self) -> str:
-        prompt = self.extra.get("prompt_trained")  # prompt_loss_weight > 0: the prompt's tokens train too
-        trained = (f"{self.label_tokens} answer tokens at weight 1, {prompt[0]} prompt tokens at {prompt[1]:g}"
-                   if prompt else f"{self.label_tokens} trained")
+        trained = (f"{self.label_tokens} answer tokens at weight 1, {self.prompt_tokens} prompt tokens at "
+                   f"{self.prompt_weight:g}" if self.prompt_weight > 0 else f"{self.label_tokens} trained")
         return (f"{self.records} records, {self.tokens} tokens ({trained}), "
                 f"{self.truncated} truncated, {self.dropped} dropped, {self.skipped} skipped")
 
@@ -359,8 +360,8 @@ def tokenize_conversations(convs, tokenizer, template, cutoff_len: int, overlong
         stats.label_tokens += sum(l != -100 for l in labels[1:])
         if prompt_loss_weight > 0:
             weights = [0.0] + [1.0 if l != -100 else prompt_loss_weight for l in labels[1:]]
-            done = stats.extra.get("prompt_trained", (0, prompt_loss_weight))[0]
-            stats.extra["prompt_trained"] = (done + sum(l == -100 for l in labels[1:]), prompt_loss_weight)
+            stats.prompt_tokens += sum(l == -100 for l in labels[1:])
+            stats.prompt_weight = prompt_loss_weight
             examples.append({"input_ids": ids, "labels": [-100] + ids[1:], "loss_weights": weights})
         else:
             examples.append({"input_ids": ids, "labels": labels})
