@@ -19,13 +19,12 @@ import contextlib
 import torch
 
 from lora_kit.training.loss import PositionLossTrainer, _unwrap
+from lora_kit.vocab.resize import spell
 
 
 def spelling_table(base_tokenizer, tokenizer, new_ids: list[int], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(parts, lengths): row i of `parts` (rows x K, zero-padded) spells token i in base ids, `lengths[i]` how many;
     a base id spells itself, a new id as `lorakit extend-vocab` initialised its row (`vocab.resize.spell`)."""
-    from lora_kit.vocab.resize import spell
-
     spelt = dict(zip(new_ids, spell(base_tokenizer, tokenizer, new_ids)))
     width = max([1, *(len(p) for p in spelt.values())])
     parts = torch.zeros(rows, width, dtype=torch.long)
