@@ -28,13 +28,18 @@ def model_for(path, phase):
     return model
 
 
-@pytest.mark.parametrize("phase", [0, 1, 2])
+@pytest.mark.parametrize("phase", [0, 1, 2, "2-unfused"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_loss_and_grads_equal_the_models_own(tiny_model_dir, tiny_untied_model_dir, monkeypatch, phase, tied,
                                                       masked):
-    model = model_for(tiny_model_dir if tied else tiny_untied_model_dir, phase)
-    assert lmloss._frozen_plain(model.get_output_embeddings()) == (phase == 0)  # which path this case exercises
+    """Phase 0: the fused frozen head; 1 and 2: the fused head with trained rows; 2-unfused: the plain chunked path."""
+    model = model_for(tiny_model_dir if tied else tiny_untied_model_dir, 2 if phase == "2-unfused" else phase)
+    head = model.get_output_embeddings()
+    assert lmloss._frozen_plain(head) == (phase == 0)  # which path this case exercises
+    assert (lmloss._token_rows(head) is not None) == (phase != 0)
+    if phase == "2-unfused":
+        monkeypatch.setattr(lmloss, "_token_rows", lambda head: None)
     torch.manual_seed(0)
     ids = torch.randint(0, 400, (3, 40))
     labels = ids.clone()
@@ -63,6 +68,35 @@ def test_fused_frozen_head_equals_cross_entropy_over_full_logits(dtype):
     assert g_ours.dtype == dtype and g_ours[[3, 10, 36]].abs().max() == 0 and g_ours.abs().max() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_with_trained_rows_equals_peft_forward_and_autograd(dtype):
+    """peft's trainable-token rows on a frozen head (fp32 rows over a bf16 head in bf16 training): the same loss,
+    the same gradients for the hidden states and the rows."""
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    torch.manual_seed(0)
+    layer = TrainableTokensLayer(torch.nn.Linear(24, 300, bias=False, dtype=dtype).requires_grad_(False), "default")
+    layer.update_layer("default", token_indices=[5, 17, 299, 42])
+    delta = layer.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        delta.copy_(torch.randn(delta.shape) * 3)  # rows the head would not give
+    delta.data = delta.data.float()
+    hidden = torch.randn(37, 24, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 300, (37,))
+    targets[[0, 7, 8]] = torch.tensor([5, 17, 299])  # trained rows as targets too
+    targets[[3, 10, 36]] = -100
+    assert lmloss._token_rows(layer) is not None
+    ours = lmloss.head_loss_sum(layer, hidden, targets, chunk=8) * 0.5
+    g_ours = torch.autograd.grad(ours, [hidden, delta])
+    theirs = torch.nn.functional.cross_entropy(layer(hidden).float(), targets, reduction="sum") * 0.5
+    g_theirs = torch.autograd.grad(theirs, [hidden, delta])
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(ours, theirs, **tol)
+    for a, b in zip(g_ours, g_theirs):
+        assert a.dtype == b.dtype and b.abs().max() > 0
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("extra", [["dtype=bf16"], ["dtype=bf16", "quantization=4bit"]])
 def test_trains_in_bf16_and_qlora_where_accelerate_hands_back_fp32_hidden_states(tiny_model_dir, tmp_path, extra):
     from lora_kit.recipe import load_config
@@ -75,11 +109,13 @@ def test_trains_in_bf16_and_qlora_where_accelerate_hands_back_fp32_hidden_states
     assert (out / "run.json").is_file()
 
 
-@pytest.mark.parametrize("phase", [0, 2])  # 0: the fused frozen-head path; 2: the chunked path with trained rows
+@pytest.mark.parametrize("phase", [0, 2, "2-unfused"])  # as in the test above
 def test_weighted_positions_give_the_weighted_mean_of_the_models_token_losses(tiny_model_dir, monkeypatch, phase):
     """SFT's prompt_loss_weight: loss and gradients equal sum(w * token loss) / sum(w) from the model's full logits,
     with the trainer's per-batch normaliser and with the accumulated one `_get_num_items_in_batch` returns."""
-    model = model_for(tiny_model_dir, phase)
+    model = model_for(tiny_model_dir, 2 if phase == "2-unfused" else phase)
+    if phase == "2-unfused":
+        monkeypatch.setattr(lmloss, "_token_rows", lambda head: None)
     torch.manual_seed(0)
     ids = torch.randint(0, 400, (3, 40))
     weights = torch.where(torch.rand(3, 40) < 0.3, 1.0, 0.1)

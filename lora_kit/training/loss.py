@@ -4,14 +4,18 @@ positions whose next token is trained, over chunks of positions, so the logits o
 
 A frozen plain head (LoRA SFT: the head is not trained) takes the fused path: each chunk's gradient with respect to the
 hidden states is computed right after its loss, in the forward, so no logits outlive their chunk and backward only
-scales the saved n x hidden gradient. A head that trains rows (vocabulary extension), has a bias, carries hooks
-(accelerate offload, DeepSpeed ZeRO-3) or a sharded weight (FSDP2) takes the plain chunked path, where autograd keeps
-each chunk's log-softmax for backward.
+scales the saved n x hidden gradient. So does a frozen head whose new rows train through peft's trainable tokens
+(vocabulary extension), whose gradient is then formed for those rows only: peft's own forward copies the head with the
+rows swapped in and autograd forms the gradient of the whole vocabulary's weight, then keeps its rows. A head that has
+a bias, carries hooks (accelerate offload, DeepSpeed ZeRO-3) or a sharded weight (FSDP2) takes the plain chunked path,
+where autograd keeps each chunk's log-softmax for backward.
 """
 from __future__ import annotations
 
 import torch
 import transformers
+from peft.tuners.trainable_tokens import TrainableTokensLayer
+from peft.utils.other import TrainableTokensWrapper
 from torch.nn.functional import cross_entropy, pad
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -22,11 +26,16 @@ CHUNK = 1024
 
 class _FrozenHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100 = ignored), each position times its
-    `scale` (None = 1), for a weight that needs no gradient: d loss / d hidden = scale (softmax - onehot) @ weight is
-    formed chunk by chunk during the forward."""
+    `scale` (None = 1), for a weight that needs no gradient except, optionally, in the rows `index`, which `delta`
+    replaces (peft's trainable tokens: the head's weight is the frozen one with those rows swapped for the trained
+    ones). d loss / d hidden = scale (softmax - onehot) @ weight, and d loss / d delta = the same matrix's `index`
+    columns, transposed, @ hidden, are formed chunk by chunk during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, scale=None):
+    def forward(ctx, hidden, weight, targets, chunk, scale=None, delta=None, index=None):
+        if delta is not None:  # one copy of the head per call, as peft's own forward makes
+            weight = weight.index_copy(0, index, delta.to(weight.dtype))
+            grad_delta = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], chunk):
@@ -44,26 +53,54 @@ class _FrozenHeadLoss(torch.autograd.Function):
             elif not valid.all():  # (sft and pretrain pass trained positions only: no pass over the chunk here)
                 probs[~valid] = 0
             grad[i: i + chunk] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad)
+            if delta is not None:
+                grad_delta += probs[:, index].T @ hidden[i: i + chunk].float()
+        ctx.save_for_backward(grad, grad_delta.to(delta.dtype) if delta is not None else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        grad, grad_delta = ctx.saved_tensors
+        return (grad * grad_loss.to(grad.dtype), None, None, None, None,
+                None if grad_delta is None else grad_delta * grad_loss.to(grad_delta.dtype), None)
 
 
 def _frozen_plain(head) -> bool:
     """A bias-free nn.Linear whose weight is an ordinary frozen tensor and whose forward nothing wraps."""
     weight = getattr(head, "weight", None)
     return (type(head) is torch.nn.Linear and head.bias is None and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and not weight.requires_grad and not head._forward_hooks and not head._forward_pre_hooks
-            and not hasattr(head, "_hf_hook"))
+            and not weight.requires_grad and not _hooked(head))
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _token_rows(head):
+    """(layer, delta, index) when `head` is peft's trainable-tokens layer (TrainableTokensConfig) or wrapper
+    (`trainable_token_indices` beside LoRA) over a frozen plain head with one active, unmerged adapter: its forward
+    is then `hidden @ base.weight.index_copy(0, index, delta).T`. Else None."""
+    if type(head) is TrainableTokensWrapper:
+        if head.disable_adapters or _hooked(head):
+            return None
+        head = head.token_adapter
+    if type(head) is not TrainableTokensLayer:
+        return None
+    active = head.active_adapters
+    if (head.disable_adapters or head.merged or _hooked(head) or len(active) != 1
+            or active[0] not in head.trainable_tokens_delta or not _frozen_plain(head.base_layer)):
+        return None
+    delta = head.trainable_tokens_delta[active[0]]
+    return head.base_layer.weight, delta, torch.tensor(head.token_indices[active[0]], device=delta.device)
 
 
 def head_loss_sum(head, hidden, targets, chunk: int = CHUNK, scale=None):
     """Summed cross-entropy of `head(hidden)` (n x hidden_size) against `targets` (n), `chunk` positions at a time;
     with `scale` (n), each position's term times its scale."""
+    rows = _token_rows(head) if torch.is_grad_enabled() else None
+    if rows is not None and (hidden.requires_grad or rows[1].requires_grad):
+        weight, delta, index = rows  # the frozen weight and the trained rows, never peft's merged copy of the head
+        return _FrozenHeadLoss.apply(hidden.to(weight.dtype), weight, targets, chunk, scale, delta, index)
     weight = getattr(head, "weight", None)  # accelerate returns fp32 outputs from a bf16 model; the head wants its own
     hidden = hidden.to(weight.dtype) if weight is not None else hidden
     if _frozen_plain(head) and hidden.requires_grad:
