@@ -77,7 +77,7 @@ def _hooked(module) -> bool:
 
 
 def _token_rows(head):
-    """(layer, delta, index) when `head` is peft's trainable-tokens layer (TrainableTokensConfig) or wrapper
+    """(frozen weight, delta, index) when `head` is peft's trainable-tokens layer (TrainableTokensConfig) or wrapper
     (`trainable_token_indices` beside LoRA) over a frozen plain head with one active, unmerged adapter: its forward
     is then `hidden @ base.weight.index_copy(0, index, delta).T`. Else None."""
     if type(head) is TrainableTokensWrapper:
