@@ -10,9 +10,11 @@ order, so gradients agree to ~1e-7 relative, not bit for bit; after four AdamW s
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,49 @@ def test_launcher_strips_nproc_and_propagates_the_exit_code(tiny_model_dir, tmp_
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "nonexistent" in res.stderr
+
+
+def in_own_group_with_sigint() -> None:
+    """The launcher as a terminal's foreground job: its own process group, Ctrl-C not ignored."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", ["sigterm", "ctrl-c"])
+def test_a_stop_signal_to_the_launcher_saves_a_checkpoint_on_every_rank_and_resume_matches(tiny_model_dir, tmp_path,
+                                                                                           env, sig):
+    """SIGTERM to `lorakit sft --nproc 2` (a scheduler), or SIGINT to its whole process group (a terminal's Ctrl-C,
+    which would reach the workers twice if torchrun shared their group): both ranks stop at one step boundary with
+    a checkpoint, the launcher exits 143 / 130, and resume=true ends where an uninterrupted 2-process run ends."""
+    signum = signal.SIGTERM if sig == "sigterm" else signal.SIGINT
+    extra = ["max_steps=12", "save_steps=100"]
+    part, full = tmp_path / "part", tmp_path / "full"
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "sft", "--nproc", "2",
+                             *overrides(tiny_model_dir, part, 2, *extra)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=in_own_group_with_sigint)
+    try:
+        metrics, deadline = part / "metrics.jsonl", time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not (
+                metrics.is_file() and '"loss"' in metrics.read_text()):
+            time.sleep(0.02)
+        running = proc.poll() is None
+        os.kill(proc.pid, signum) if signum == signal.SIGTERM else os.killpg(proc.pid, signum)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert running, f"the run ended before the signal: {err[-3000:]}"
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert not (part / "run.json").exists()
+    ckpts = sorted((part / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1, err[-3000:]
+    step = json.loads((ckpts[0] / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= step < 12 and {p.name for p in ckpts[0].glob("rng_state_*.pth")} == {"rng_state_0.pth",
+                                                                                     "rng_state_1.pth"}
+    assert f"lorakit sft: stopped by {signal.Signals(signum).name}; checkpoint saved: {ckpts[0]}" in err, err[-3000:]
+    assert err.count("received: stopping after this step") == 1  # rank 0 says it once: one signal per worker
+
+    run_cli(["sft", "--nproc", "2", *overrides(tiny_model_dir, part, 2, *extra, "resume=true")], env)
+    run_cli(["sft", "--nproc", "2", *overrides(tiny_model_dir, full, 2, *extra)], env)
+    assert_same_adapter(adapter(part), adapter(full))
