@@ -28,7 +28,7 @@ from lora_kit.rundir import atomic_dir, run_info, write_json
 from lora_kit.vocab import bytelevel as vocab_bpe
 from lora_kit.vocab import checks as vocab_check
 from lora_kit.vocab import sentencepiece as vocab_sp
-from lora_kit.vocab.resize import resize_model
+from lora_kit.vocab.resize import PAD_MULTIPLE, resize_model
 
 CHINESE_MODEL = "chinese_sp.model"  # the trained Chinese vocabulary on its own
 REPORT = "vocab_report.json"
@@ -317,8 +317,10 @@ def resize_and_save(base: BaseTokenizer, result: dict, out: Path) -> int:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < result["base_tokens"]:
         raise LorakitError(f"{base.tok_dir}: embedding has {rows} rows but the tokenizer has {result['base_tokens']}")
-    print(f"lorakit: resizing embeddings {rows} -> {result['n_tokens']} tokens (padded to a multiple of 64)")
-    rows = resize_model(model, result["n_tokens"], result["base_tokens"], result["new_ids"], result["parts"])
+    new_rows = resize_model(model, result["n_tokens"], result["base_tokens"], result["new_ids"], result["parts"])
+    print(f"lorakit: resized embeddings {rows} -> {new_rows} rows for {result['n_tokens']} tokens "
+          f"(rows padded to a multiple of {PAD_MULTIPLE})")
+    rows = new_rows
     model.to(stored)
     model.save_pretrained(out, safe_serialization=True)
     return rows
