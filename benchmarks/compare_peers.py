@@ -160,8 +160,30 @@ def report(w, results: list[dict]) -> None:
                              f"{med['lorakit']['mem'] / m['mem']:.2f}x")
                 print(f"  {tool:<13}{m['tokens_per_s']:>9.1f}{m['tokens']:>8.0f}{m['fill']:>6.2f}{m['train_s']:>9.1f}"
                       f"{m['wall_s']:>8.1f}{m['mem']:>14.0f}{m['final_loss']:>11.4f}  {ratio}")
+            breakdown([r for r in results if (r["mode"], r["quant"]) == (mode, quant)], w.tools)
             if w.profile:
                 profiles(w, [r for r in results if (r["mode"], r["quant"]) == (mode, quant) and r.get("profile")])
+
+
+BREAKDOWN = ("data", "forward", "backward", "clip", "optimizer", "callbacks", "log_save", "rest")
+
+
+def breakdown(runs: list[dict], tools: list[str]) -> None:
+    """Wall seconds per optimizer step split into parts (benchmarks/peers/measure.py), medians over each tool's runs."""
+    rows = {}
+    for tool in tools:
+        got = [r["breakdown"] for r in runs if r["tool"] == tool and r.get("breakdown")]
+        if got:
+            rows[tool] = {k: statistics.median(b["per_step_s"][k] for b in got) for k in BREAKDOWN} | {
+                "fwd+bwd": statistics.median(b["per_step_s"]["forward"] + b["per_step_s"]["backward"] for b in got),
+                "wall": statistics.median(b["wall_per_step_s"] for b in got), "n": len(got)}
+    if not rows:
+        return
+    cols = ("data", "forward", "backward", "fwd+bwd", "clip", "optimizer", "callbacks", "log_save", "rest", "wall")
+    print("  step time: s per optimizer step after the first 2 (medians; forward includes the loss)")
+    print(f"  {'tool':<13}" + "".join(f"{c:>10}" for c in cols) + f"{'runs':>6}")
+    for tool, m in rows.items():
+        print(f"  {tool:<13}" + "".join(f"{m[c]:>10.3f}" for c in cols) + f"{m['n']:>6}")
 
 
 def profiles(w, runs: list[dict], top: int = 16) -> None:

@@ -12,6 +12,16 @@ memory, per-step losses; with --profile N, the self CPU time of the top torch op
 (`Trainer.training_step`, after two warm-up steps; the profiler slows those steps, so such a run's speed is not a
 figure). Uses only the standard library and transformers, so it runs in each tool's own venv.
 
+Step-time breakdown (OUT.json `breakdown`): the wall time of each optimizer step after the first two, split into the
+parts every tool runs through the same transformers and accelerate calls: data (`Trainer.get_batch_samples`, which
+draws the batches and runs the collator), forward (`Trainer.training_step` less its backward: input preparation, the
+model's forward and the loss), backward (`Accelerator.backward`), clip (`Accelerator.clip_grad_norm_`), optimizer
+(`AcceleratedOptimizer.step`), callbacks (`CallbackHandler.call_event`: progress bars, metrics, the tools' own hooks),
+log/save (`Trainer._maybe_log_save_evaluate` less the callbacks it calls) and the rest of `train()`'s loop (lr
+scheduler, zero_grad, loss bookkeeping). Each part's time is exclusive: time in a part nested inside another counts to
+the inner one. A loss that forms its gradient in the forward (lorakit's fused head) moves that work from backward to
+forward, so compare forward + backward across tools.
+
 Non-padding tokens, per batch: with a 2-D attention mask, its non-zero entries (LLaMA-Factory's neat_packing puts
 segment numbers 1, 2, ... there); otherwise (packed rows with position_ids, padding-free rows, 4-D masks) each row's
 length less its trailing run of pad tokens (all collators here pad on the right; a row's own final EOS, when EOS is the
@@ -19,6 +29,7 @@ pad token as in SmolLM2, is lost too: at most one token per row, the same for ev
 """
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import runpy
@@ -63,9 +74,66 @@ def profiled(prof, steps: int) -> dict:
             "ops": [[e.key, e.self_cpu_time_total / 1e6 / steps, e.count // steps] for e in ops[:40]]}
 
 
-def install(stats: dict, profile_steps: int = 0) -> None:
-    import transformers
+PARTS = ("data", "forward", "backward", "clip", "optimizer", "callbacks", "log_save")
 
+
+class StepClock:
+    """Exclusive wall time per part (see the module's docstring), and a snapshot after WARMUP optimizer steps."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(PARTS, 0.0)
+        self.stack = []  # [part, start, time spent in nested parts]
+        self.steps = 0
+        self.mark = None  # (time, totals) once WARMUP optimizer steps are done
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        fn = getattr(owner, name, None)
+        if fn is None:  # an older or newer library without this method: that part reads 0
+            return
+        clock = self
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            frame = [part, time.perf_counter(), 0.0]
+            clock.stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock.stack.pop()
+                elapsed = time.perf_counter() - frame[1]
+                clock.totals[part] += elapsed - frame[2]
+                if clock.stack:
+                    clock.stack[-1][2] += elapsed
+                if part == "optimizer":
+                    clock.steps += 1
+                    if clock.steps == WARMUP:
+                        clock.mark = (time.perf_counter(), dict(clock.totals))
+
+        setattr(owner, name, timed)
+
+    def breakdown(self, end: float) -> dict | None:
+        if self.mark is None or self.steps <= WARMUP:
+            return None
+        n = self.steps - WARMUP
+        per = {k: (self.totals[k] - self.mark[1][k]) / n for k in PARTS}
+        wall = (end - self.mark[0]) / n
+        per["rest"] = wall - sum(per.values())
+        return {"steps": n, "wall_per_step_s": wall, "per_step_s": per}
+
+
+def install(stats: dict, profile_steps: int = 0) -> None:
+    import accelerate
+    import accelerate.optimizer
+    import transformers
+    import transformers.trainer_callback
+
+    clock = StepClock()
+    clock.wrap(transformers.Trainer, "get_batch_samples", "data")
+    clock.wrap(accelerate.Accelerator, "backward", "backward")
+    clock.wrap(accelerate.Accelerator, "clip_grad_norm_", "clip")
+    clock.wrap(accelerate.optimizer.AcceleratedOptimizer, "step", "optimizer")
+    clock.wrap(transformers.trainer_callback.CallbackHandler, "call_event", "callbacks")
+    clock.wrap(transformers.Trainer, "_maybe_log_save_evaluate", "log_save")
     step, train = transformers.Trainer.training_step, transformers.Trainer.train
     prof = []
 
@@ -91,9 +159,12 @@ def install(stats: dict, profile_steps: int = 0) -> None:
         try:
             return train(self, *args, **kwargs)
         finally:
-            stats["train_s"] = time.perf_counter() - start
+            end = time.perf_counter()
+            stats["train_s"] = end - start
+            stats["breakdown"] = clock.breakdown(end)
 
     transformers.Trainer.training_step = training_step
+    clock.wrap(transformers.Trainer, "training_step", "forward")  # outermost: the token count runs inside it
     transformers.Trainer.train = timed_train
 
 
