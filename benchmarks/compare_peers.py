@@ -44,10 +44,11 @@ def lorakit_cmd(w, mode: str, quant: str, out: Path) -> list[str]:
            "cutoff_len=512", "batch_size=4", f"max_steps={w.steps}", "lora.r=8", "lora.target_modules=all-linear",
            f"learning_rate={w.lr}", f"seed={w.seed}", "template=alpaca", f"quantization={quant}", f"output_dir={out}"]
     if mode == "best":
-        # packing (the recipe's default), LoRA dropout 0 and the measured-faster dtype (auto) are already the fastest;
-        # the recipe's gradient checkpointing (a memory choice, -25% tokens/s) goes, as in the peers' best mode, and so
-        # does the mid-run checkpoint the recipe writes (save_steps 15)
-        cmd += ["lora.dropout=0", "gradient_checkpointing=false", f"save_steps={w.steps}"]
+        # packing (the recipe's default) and LoRA dropout 0 are already the fastest; the dtype is the one `auto` would
+        # pick, fixed for every tool (w.bf16); the recipe's gradient checkpointing (a memory choice, -25% tokens/s)
+        # goes, as in the peers' best mode, and so does the mid-run checkpoint the recipe writes (save_steps 15)
+        cmd += ["lora.dropout=0", "gradient_checkpointing=false", f"save_steps={w.steps}",
+                f"dtype={'bf16' if w.bf16 else 'fp32'}"]
     return cmd
 
 
@@ -59,13 +60,13 @@ def llamafactory_cmd(w, mode: str, quant: str, out: Path) -> list[str]:
            "max_steps": w.steps, "logging_steps": 5, "seed": w.seed, "report_to": "none"}
     if w.cuda:
         cfg["bf16"] = True  # the setting LLaMA-Factory's example configs use on GPUs
-    else:
-        cfg.update(use_cpu=True, bf16=False, fp16=False)  # LLaMA-Factory's CPU path: use_cpu, no bf16/fp16
+    else:  # LLaMA-Factory's CPU path: use_cpu; bf16 autocast in best mode where this CPU runs it faster (w.bf16)
+        cfg.update(use_cpu=True, bf16=mode == "best" and w.bf16, fp16=False)
     if quant == "4bit":
         cfg.update(quantization_bit=4, quantization_method="bnb")  # NF4 + double quantization by default
     if mode == "best":
         # neat_packing: packed rows without cross-record attention, like lorakit's packing; gradient checkpointing
-        # (on by default) recomputes the forward; bf16 only where it is faster (GPUs; this CPU runs it slower)
+        # (on by default) recomputes the forward
         cfg.update(packing=True, neat_packing=True, disable_gradient_checkpointing=True, save_steps=w.steps)
     path = w.dir / f"llamafactory-{mode}-{quant}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -77,7 +78,7 @@ def trl_cmd(w, mode: str, quant: str, out: Path) -> list[str]:
     cmd = [str(HERE / "peers" / "trl_sft.py"), "--model", w.model, "--data", str(DATA), "--output", str(out),
            "--steps", str(w.steps), "--lr", str(w.lr), "--seed", str(w.seed), "--quant", quant]
     if mode == "best":
-        cmd += ["--packing", "--no-gradient-checkpointing", "--dtype", "bf16" if w.cuda else "fp32"]
+        cmd += ["--packing", "--no-gradient-checkpointing", "--dtype", "bf16" if w.bf16 else "fp32"]
     return cmd
 
 
@@ -232,12 +233,17 @@ def main() -> None:
     import torch
 
     from lora_kit.models.load import resolve_model
+    from lora_kit.models.memory import cpu_bf16_is_faster
 
     w.model, w.cuda = resolve_model("smollm2-135m"), torch.cuda.is_available()
+    # best mode: every tool in the dtype lorakit's `auto` picks here, measured once (CPUs differ: an AVX-512 Xeon
+    # without AMX ran bf16 ~25% slower than fp32, an AMD EPYC with avx512_bf16 ~2.2x faster)
+    w.bf16 = w.cuda or cpu_bf16_is_faster()
     w.dir = Path(w.work or tempfile.mkdtemp(prefix="compare-peers-")).resolve()
     w.dir.mkdir(parents=True, exist_ok=True)
     prepare(w.dir)
-    print(f"compare_peers: model {w.model}, work dir {w.dir}", flush=True)
+    print(f"compare_peers: model {w.model}, work dir {w.dir}, best mode in {'bf16' if w.bf16 else 'fp32'}",
+          flush=True)
     results = []
     for i in range(w.repeats):
         for quant in w.quants:
