@@ -48,7 +48,7 @@ def lorakit_cmd(w, mode: str, quant: str, out: Path) -> list[str]:
         # pick, fixed for every tool (w.bf16); the recipe's gradient checkpointing (a memory choice, -25% tokens/s)
         # goes, as in the peers' best mode, and so does the mid-run checkpoint the recipe writes (save_steps 15)
         cmd += ["lora.dropout=0", "gradient_checkpointing=false", f"save_steps={w.steps}",
-                f"dtype={'bf16' if w.bf16 else 'fp32'}"]
+                f"dtype={'auto' if w.cuda else 'bf16' if w.bf16 else 'fp32'}"]  # auto: bf16, or fp16 on older GPUs
     return cmd
 
 
