@@ -33,16 +33,23 @@ class _OfflineLoader(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
 
+    def __getattr__(self, name):  # get_source, get_filename, is_package, ...: the file's own loader answers
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         from huggingface_hub import constants
-        before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+        quiet = logging.getLogger("kernels")  # its "skipping publisher trust check ... offline mode" warning
+        before, level = constants.HF_HUB_OFFLINE, quiet.level
+        constants.HF_HUB_OFFLINE = True
+        quiet.setLevel(logging.ERROR)
         try:
             self.loader.exec_module(module)
         finally:
             constants.HF_HUB_OFFLINE = before
+            quiet.setLevel(level)
 
 
 if not any(isinstance(f, _NoHubKernelAtImport) for f in sys.meta_path):

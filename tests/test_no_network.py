@@ -30,7 +30,7 @@ def _probe(first: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     out = subprocess.run([sys.executable, "-c", PROBE, first], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"stderr": out.stderr}
 
 
 def test_importing_lorakit_and_its_libraries_asks_no_host():
@@ -42,3 +42,4 @@ def test_importing_lorakit_and_its_libraries_asks_no_host():
     got = _probe("lorakit")
     assert got["asked"] == []
     assert got["offline"] is False  # the user's hub setting is back once bitsandbytes has loaded
+    assert "kernels-community" not in got["stderr"] and "publisher trust" not in got["stderr"]  # and says nothing
