@@ -320,10 +320,9 @@ def resize_and_save(base: BaseTokenizer, result: dict, out: Path) -> int:
     new_rows = resize_model(model, result["n_tokens"], result["base_tokens"], result["new_ids"], result["parts"])
     print(f"lorakit: resized embeddings {rows} -> {new_rows} rows for {result['n_tokens']} tokens "
           f"(rows padded to a multiple of {PAD_MULTIPLE})")
-    rows = new_rows
     model.to(stored)
     model.save_pretrained(out, safe_serialization=True)
-    return rows
+    return new_rows
 
 
 def report(base: BaseTokenizer, args, result: dict, held: list[str], train_lines: int, seconds: float) -> dict:
