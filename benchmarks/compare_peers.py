@@ -166,16 +166,13 @@ def report(w, results: list[dict]) -> None:
                 profiles(w, [r for r in results if (r["mode"], r["quant"]) == (mode, quant) and r.get("profile")])
 
 
-BREAKDOWN = ("data", "forward", "backward", "clip", "optimizer", "callbacks", "log_save", "rest")
-
-
 def breakdown(runs: list[dict], tools: list[str]) -> None:
     """Wall seconds per optimizer step split into parts (benchmarks/peers/measure.py), medians over each tool's runs."""
     rows = {}
     for tool in tools:
         got = [r["breakdown"] for r in runs if r["tool"] == tool and r.get("breakdown")]
         if got:
-            rows[tool] = {k: statistics.median(b["per_step_s"][k] for b in got) for k in BREAKDOWN} | {
+            rows[tool] = {k: statistics.median(b["per_step_s"][k] for b in got) for k in got[0]["per_step_s"]} | {
                 "fwd+bwd": statistics.median(b["per_step_s"]["forward"] + b["per_step_s"]["backward"] for b in got),
                 "wall": statistics.median(b["wall_per_step_s"] for b in got), "n": len(got)}
     if not rows:
