@@ -330,3 +330,40 @@ def test_align_weight_pulls_new_rows_toward_their_spelling(ext_tied, corpus, tmp
     with torch.no_grad():
         h = model(input_ids=plain, output_hidden_states=True).hidden_states
     assert align_loss(h, h, ends).item() == 0.0
+
+
+def test_weighted_sources_are_held_out_scored_and_counted_and_blocks_come_from_the_cache(
+        ext_tied, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    model_dir, _ = ext_tied
+    en = tmp_path / "en.txt"
+    en.write_text("".join(f"line {i}: the old dog sleeps near the warm fire all day long.\n" for i in range(200)),
+                  encoding="utf-8")
+    data = f"{corpus},{en}"
+    assert pretrain(model_dir, data, tmp_path / "a", "data_weights=0.75,0.25") == 0
+    out = capsys.readouterr().out
+    assert out.count("tokenized in") == 2 and "read from the block cache" not in out
+    run = read_run(tmp_path / "a")
+    for n in (1, 2):
+        rows = run["sources"][f"phase{n}"]
+        assert [r["data"] for r in rows] == [str(corpus), str(en)] and [r["weight"] for r in rows] == [0.75, 0.25]
+        assert sum(r["drawn"] for r in rows) == 4 * 2  # max_steps x batch_size blocks, each from one source
+        assert all(r["epochs"] == round(r["drawn"] / r["blocks"], 4) for r in rows)
+        by = run["evals"][f"phase{n}"]["eval_bpc_by_source"]
+        assert set(by) == {str(corpus), str(en)} and by[str(en)] != by[str(corpus)]
+    phase1 = read_run(tmp_path / "a" / "phase1")
+    assert phase1["sources"] == run["sources"]["phase1"]
+    assert "phase 1 draws" in out and "epochs)" in out
+
+    # a second run (another output) reads both sources' blocks from the cache and trains exactly the same
+    assert pretrain(model_dir, data, tmp_path / "b", "data_weights=0.75,0.25") == 0
+    out = capsys.readouterr().out
+    assert out.count("read from the block cache") == 2 and "tokenized in" not in out
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert pretrain(model_dir, data, tmp_path / "c", "data_weights=1") == 2
+    assert "data_weights has 1 weights for the 2 sources" in capsys.readouterr().err
+    assert pretrain(model_dir, data, tmp_path / "c", "data_weights=1,0") == 2
+    assert "data_weights must all be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before the output directory is made

