@@ -1,5 +1,7 @@
 """GGUF export of a merged LLaMA-family directory through the `gguf` package: tensors streamed one at a time (f32, f16,
 bf16 or q8_0), tokenizer included with its extended vocabulary, read back and (for small models) logits checked.
+The k-quants (q4_k_m, q5_k_m, q6_k) are llama.cpp's own: a checked f16 file goes through its quantizer
+(`export.llamacpp`). Wherever llama-cpp-python is installed, every file is also run in llama.cpp before it is kept.
 """
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import gguf
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lora_kit.errors import LorakitError
+from lora_kit.export import llamacpp
 from lora_kit.export.common import Checkpoint
 from lora_kit.export.gguf_tokenizer import SAMPLE_LINES, add_tokenizer, check_tokenization, gguf_field
 from lora_kit.export.verify import model_logits, probe_batch
@@ -92,8 +95,53 @@ def add_rope(writer, cfg: dict, head_dim: int, where) -> dict:
                        "llama3 and yarn RoPE")
 
 
-def export_gguf(src: Path, dst_dir: Path, kind: str = "f16", name: str | None = None) -> Path:
-    """Convert the merged model directory `src` into `dst_dir/model-<kind>.gguf`; verify it; return the path."""
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32", *llamacpp.KQUANTS)
+
+
+def export_gguf(src: Path, dst_dir: Path, kind: str = "f16", name: str | None = None) -> tuple[Path, dict]:
+    """Convert the merged model directory `src` into `dst_dir/model-<kind>.gguf`, verified; return it and the checks'
+    figures. A k-quant is llama.cpp's quantization of a checked f16 file, which is then removed."""
+    if kind not in llamacpp.KQUANTS:
+        path, plan, names = write_gguf(src, dst_dir, kind, name)
+        checks = check_gguf(path, src, plan, names)
+        if llamacpp.available():
+            checks["llama_cpp"] = check_in_llama_cpp(path, src, kind)
+        return path, checks
+    llamacpp.require(f"--gguf-type {kind}")
+    f16, plan, names = write_gguf(src, dst_dir, "f16", name, filename=f".model-f16-for-{kind}.gguf")
+    try:
+        checks = {"f16": check_gguf(f16, src, plan, names)}
+        path = Path(dst_dir) / f"model-{kind}.gguf"
+        print(f"lorakit merge: quantizing to {kind} with llama.cpp")
+        llamacpp.quantize(f16, path, kind)
+    finally:
+        f16.unlink(missing_ok=True)
+    reader = gguf.GGUFReader(str(path))
+    checks["tokenization"] = check_tokenization(reader, src, SAMPLE_LINES)
+    checks["llama_cpp"] = check_in_llama_cpp(path, src, kind)
+    checks["bytes"] = path.stat().st_size
+    return path, checks
+
+
+def check_in_llama_cpp(path: Path, src: Path, kind: str) -> dict:
+    """`llamacpp.check_file` on the probe text and ids, against the merged model's fp32 logits; prints the figures."""
+    tok = AutoTokenizer.from_pretrained(src)
+    ckpt = Checkpoint(src)
+    rows = ckpt.meta(next(k for k in ckpt.keys if k.endswith("embed_tokens.weight")))[0][0]
+    ckpt.close()
+    ids = probe_batch(tok, rows, [], length=64)
+    with torch.no_grad():
+        want = model_logits(src, "CAUSAL_LM", ids)
+    result = llamacpp.check_file(path, kind, tok, SAMPLE_LINES, ids, want)
+    print(f"lorakit merge: in llama.cpp: {result['identical']}/{result['lines']} sample lines tokenize as the HF "
+          f"tokenizer; on {ids.numel()} probe positions logit correlation {result['logit_correlation']:.4f}, top "
+          f"token as the merged model's {result['top1_agreement']:.1%}, KL {result['kl']:.3g}")
+    return result
+
+
+def write_gguf(src: Path, dst_dir: Path, kind: str, name: str | None = None, filename: str | None = None):
+    """Write `dst_dir/model-<kind>.gguf` (or `filename`) from the merged directory `src`, tensors streamed; return
+    (path, [(key, GGML type)], tensor name map) for `check_gguf`."""
     ckpt = Checkpoint(src)
     cfg = ckpt.config
     arch, permute = ARCHES.get(cfg.get("model_type"), (None, False))
@@ -104,7 +152,7 @@ def export_gguf(src: Path, dst_dir: Path, kind: str = "f16", name: str | None = 
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_layers)
-    path = Path(dst_dir) / f"model-{kind}.gguf"
+    path = Path(dst_dir) / (filename or f"model-{kind}.gguf")
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
     writer.add_name(name or Path(src).name)
     writer.add_context_length(cfg.get("max_position_embeddings", 2048))
@@ -155,8 +203,7 @@ def export_gguf(src: Path, dst_dir: Path, kind: str = "f16", name: str | None = 
         writer.write_tensor_data(t.float().numpy())
     writer.close()
     ckpt.close()
-    check_gguf(path, src, plan, names)
-    return path
+    return path, plan, names
 
 
 def gguf_rope(reader, model) -> None:
@@ -214,7 +261,7 @@ def check_gguf(path: Path, src: Path, plan, names) -> dict:
         got = model(input_ids=ids).logits.float()
     want = model_logits(src, "CAUSAL_LM", ids)
     diff, scale = float((got - want).abs().max()), max(1.0, float(want.abs().max()))
-    tol = (0.1 if path.name.endswith("q8_0.gguf") else 0.03) * scale
+    tol = (0.1 if gguf_field(reader, "general.file_type") == 7 else 0.03) * scale  # 7: q8_0
     print(f"lorakit merge: GGUF logits vs merged model: max diff {diff:.3g} (tolerance {tol:.3g})")
     if not diff <= tol:
         raise LorakitError(f"{path.name}: logits differ from the merged model by {diff:.3g} > {tol:.3g}; not written")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from lora_kit.errors import LorakitError
+from lora_kit.export import llamacpp
 from lora_kit.export.common import (
     DTYPES,
     Adapter,
@@ -36,7 +37,7 @@ from lora_kit.export.common import (
     write_adapter,
     write_safetensors_stream,
 )
-from lora_kit.export.gguf import export_gguf
+from lora_kit.export.gguf import GGUF_TYPES, export_gguf
 from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits, ulp_step
 from lora_kit.models.load import signature
 from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
@@ -50,7 +51,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the base model's)")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers directory or one GGUF file")
-    p.add_argument("--gguf-type", choices=["f16", "q8_0", "bf16", "f32"], default="f16", help="GGUF tensor type")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF tensor type; q4_k_m, q5_k_m and q6_k are quantized by llama.cpp (pip install "
+                        "'lorakit[gguf]')")
     p.add_argument("--rows-only", action="store_true",
                    help="fold only trained token rows and saved modules into the base; keep the last adapter's LoRA "
                         "factors as OUT/adapter (what vLLM serves over an extended vocabulary)")
@@ -61,6 +64,8 @@ def main(args) -> int:
     """`lorakit merge`: fold the adapters into the base weights, verify the logits, then move the output in place."""
     out = Path(args.output)
     check_writable(out, args.force)
+    if args.format == "gguf" and args.gguf_type in llamacpp.KQUANTS:
+        llamacpp.require(f"--gguf-type {args.gguf_type}")  # refused before anything is merged
     bound_allocator()
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:
@@ -87,8 +92,8 @@ def main(args) -> int:
             info = dict(adapters=[str(a) for a in adapters], dtype=str(dtype)[6:], format=args.format,
                         task_type=task, verification=result, rows_only=kept is not None)
             if args.format == "gguf":
-                gguf_file = export_gguf(work, tmp, args.gguf_type, name=out.name)
-                info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type)
+                gguf_file, checks = export_gguf(work, tmp, args.gguf_type, name=out.name)
+                info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type, gguf_checks=checks)
         finally:
             if work != tmp:
                 shutil.rmtree(work, ignore_errors=True)
