@@ -114,6 +114,90 @@ def as_chat_template(t: Template) -> str:
     ])
 
 
+def _go_operands(fmt: str, tokenizer, content: str = '""', system: str = '""') -> list[str]:
+    """A pattern as Go template operands: string literals (JSON's escapes are Go's) and the variables standing for
+    {content}, {system} and {bos} (`$bos`); {eos} becomes the tokenizer's token text, which Ollama reads back as it."""
+    names = {"{content}": content, "{system}": system, "{bos}": "$bos"}
+    out = []
+    for p in re.split(r"(\{content\}|\{system\}|\{bos\}|\{eos\})", fmt):
+        text = {"{eos}": tokenizer.eos_token or ""}.get(p, p)
+        if p in names:
+            out.append(names[p])
+        elif text:
+            out.append(json.dumps(text, ensure_ascii=False))
+    return out
+
+
+def _go_print(operands: list[str]) -> str:
+    return "(print " + " ".join(operands) + ")" if operands else '""'
+
+
+def as_go_template(t: Template, tokenizer, skip_leading_bos: bool = False) -> str:
+    """`t` as an Ollama TEMPLATE (Go text/template over `.System` and `.Messages`) rendering exactly the text
+    `segments(..., generation=True)` gives; a Modelfile's SYSTEM supplies the default system text. With
+    `skip_leading_bos` the first turn's {bos} is left to the runtime, which adds it itself (llama.cpp with add_bos):
+    `$bos` is empty until the first user turn is written."""
+    bos = json.dumps(tokenizer.bos_token or "", ensure_ascii=False)
+    user = _go_print(_go_operands(t.user, tokenizer, ".Content", "$system"))
+    first = _go_print(_go_operands(t.first_user, tokenizer, ".Content", "$system")) if t.first_user else '""'
+    return "".join([
+        "{{- $system := .System }}{{- $first := true }}{{- $bos := " + ('""' if skip_leading_bos else bos) + " }}",
+        "{{- $head := " + _go_print(_go_operands(t.prefix, tokenizer)) + " }}",
+        "{{- if and $system " + ("false" if t.first_user else "true") + " }}{{- $head = print $head "
+        + _go_print(_go_operands(t.system, tokenizer, "$system")) + " }}{{- end }}",
+        "{{- range .Messages }}",
+        "{{- if eq .Role \"user\" }}",
+        "{{- if and $first " + ("true" if t.first_user else "false") + " $system }}{{ print $head " + first
+        + " }}{{- else }}{{ print $head " + user + " }}{{- end }}{{- $head = \"\" }}{{- $first = false }}{{- $bos = "
+        + bos + " }}",
+        "{{- else if eq .Role \"assistant\" }}{{ " + _go_print(_go_operands(t.assistant, tokenizer, ".Content"))
+        + " }}",
+        "{{- end }}{{- end }}",
+    ])
+
+
+def stop_strings(t: Template, tokenizer) -> list[str]:
+    """Where an answer in `t` ends: the text after the assistant's {content} (its end-of-turn marker or EOS), the
+    tokenizer's EOS, and the opening of the next user turn."""
+    after = t.assistant.split("{content}", 1)[-1]
+    opening = t.user.split("{content}", 1)[0].replace("{bos}", "")
+    out = []
+    for s in (after.replace("{eos}", "\0").split("\0")[0].strip(), tokenizer.eos_token or "", opening.strip()):
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def _turns(*pairs: str) -> list[Message]:
+    return [{"role": r, "content": c} for r, c in zip(pairs[::2], pairs[1::2])]
+
+
+_PROBES = [_turns("user", "U1"), _turns("system", "S1", "user", "U1"),
+           _turns("user", "U1", "assistant", "A1", "user", "U2"),
+           _turns("system", "S1", "user", "U1", "assistant", "A1", "user", "U2")]
+
+
+def matching_template(tokenizer) -> Optional[Template]:
+    """The registry template (with the default system text read off the chat template) that renders every probe
+    conversation exactly as the tokenizer's own chat template does, or None. Lets a tokenizer-template model be
+    written in formats that cannot run Jinja (an Ollama Modelfile)."""
+    def text(template, msgs):
+        return "".join(s for s, _ in segments(tokenizer, template, msgs, generation=True))
+
+    want = [text(None, p) for p in _PROBES]
+    marker = "\x00SYSTEM\x00"
+    for t in TEMPLATES.values():
+        head, _, tail = text(Template(**{**t.__dict__, "default_system": marker}), _PROBES[0]).partition(marker)
+        defaults = [t.default_system, ""]
+        if tail and want[0].startswith(head) and want[0].endswith(tail) and len(want[0]) >= len(head) + len(tail):
+            defaults.insert(0, want[0][len(head):len(want[0]) - len(tail)])
+        for default in defaults:
+            candidate = Template(**{**t.__dict__, "default_system": default})
+            if all(text(candidate, p) == w for p, w in zip(_PROBES, want)):
+                return candidate
+    return None
+
+
 def _fill(fmt: str, tokenizer, **kw) -> str:
     return (fmt.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
             .replace("{system}", kw.get("system", "")).replace("{content}", kw.get("content", "")))

@@ -60,6 +60,12 @@ def pre_tokenizer_tag(spec: dict, where) -> str:
                        "a GGUF would split text differently from training, so none is written")
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself (what the GGUF's add_bos_token says)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def add_tokenizer(writer, src: Path, rows: int) -> None:
     """Vocabulary as llama.cpp expects it: byte-level BPE ('gpt2': tokens + merges + pre tag) or SentencePiece."""
     tok = AutoTokenizer.from_pretrained(src)
@@ -102,6 +108,10 @@ def add_tokenizer(writer, src: Path, rows: int) -> None:
                         ("pad", tok.pad_token_id)):
         if value is not None:
             getattr(writer, f"add_{name}_token_id")(value)
+    # BOS exactly as the HF tokenizer adds it (llama.cpp's own default differs between vocabulary types), so a
+    # runtime that tokenizes raw text, and a Modelfile's template, give the training ids
+    writer.add_add_bos_token(adds_bos(tok))
+    writer.add_add_eos_token(False)
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)
 

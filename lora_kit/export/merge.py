@@ -38,9 +38,10 @@ from lora_kit.export.common import (
     write_safetensors_stream,
 )
 from lora_kit.export.gguf import GGUF_TYPES, export_gguf
+from lora_kit.export.ollama import modelfile, training_template
 from lora_kit.export.verify import compare, model_logits, probe_batch, reference_logits, ulp_step
-from lora_kit.models.load import signature
-from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json
+from lora_kit.models.load import adapter_tokenizer_template, signature
+from lora_kit.rundir import atomic_dir, check_writable, read_run, run_info, write_json, write_text
 
 
 def add_arguments(p) -> None:
@@ -54,6 +55,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
                    help="GGUF tensor type; q4_k_m, q5_k_m and q6_k are quantized by llama.cpp (pip install "
                         "'lorakit[gguf]')")
+    p.add_argument("--ollama", action="store_true",
+                   help="with --format gguf: also write DIR/Modelfile (the training template as Ollama's TEMPLATE, "
+                        "its system text, stops, lorakit chat's sampling) for `ollama create NAME -f DIR/Modelfile`")
     p.add_argument("--rows-only", action="store_true",
                    help="fold only trained token rows and saved modules into the base; keep the last adapter's LoRA "
                         "factors as OUT/adapter (what vLLM serves over an extended vocabulary)")
@@ -64,6 +68,8 @@ def main(args) -> int:
     """`lorakit merge`: fold the adapters into the base weights, verify the logits, then move the output in place."""
     out = Path(args.output)
     check_writable(out, args.force)
+    if args.ollama and args.format != "gguf":
+        raise LorakitError("--ollama writes a Modelfile beside a GGUF file: add --format gguf")
     if args.format == "gguf" and args.gguf_type in llamacpp.KQUANTS:
         llamacpp.require(f"--gguf-type {args.gguf_type}")  # refused before anything is merged
     bound_allocator()
@@ -76,6 +82,11 @@ def main(args) -> int:
         base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     loaded = [read_adapter(a) for a in adapters]
     task = "SEQ_CLS" if any(a.task_type == "SEQ_CLS" for a in loaded) else "CAUSAL_LM"
+    template = None
+    if args.ollama:  # the template the adapters trained with, refused before anything is merged if Go cannot say it
+        name = adapter_tokenizer_template(str(adapters[-1]), str(base))[1]
+        template = training_template(AutoTokenizer.from_pretrained(adapter_tokenizer_dir(adapters, base)), name,
+                                     adapters[-1])
     kept = rows_only_factors(loaded[-1], task, args.format) if args.rows_only else None
     folded = loaded[:-1] + [dataclasses.replace(loaded[-1], lora={})] if args.rows_only else loaded
     ckpt = Checkpoint(base)
@@ -94,6 +105,10 @@ def main(args) -> int:
             if args.format == "gguf":
                 gguf_file, checks = export_gguf(work, tmp, args.gguf_type, name=out.name)
                 info.update(gguf_file=gguf_file.name, gguf_type=args.gguf_type, gguf_checks=checks)
+                if template is not None:
+                    context = int(getattr(config, "max_position_embeddings", None) or 2048)
+                    write_text(tmp / "Modelfile", modelfile(gguf_file.name, tok, template, context))
+                    info["ollama_modelfile"] = "Modelfile"
         finally:
             if work != tmp:
                 shutil.rmtree(work, ignore_errors=True)
