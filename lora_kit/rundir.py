@@ -70,7 +70,8 @@ OWNED = ("run.json", "recipe.yaml", "metrics.jsonl", "loss.png", "samples.jsonl"
 OWNED_TEMPS = (".*.tmp", ".*.tmp.*", ".value-tmp", ".write-test-*", *(f".{p}.*" for p in OWNED))  # half-written
 IN_CHECKPOINTS = ("checkpoint-*", ".tmp-checkpoint-*")
 # recipe keys that cannot change a finished run's result: a rerun differing only in these is the same run
-NOT_RESULT_KEYS = ("resume", "force", "report_to", "logging_steps", "save_steps", "output_dir")
+NOT_RESULT_KEYS = ("resume", "force", "report_to", "logging_steps", "save_steps", "output_dir",
+                   "block_cache")  # cached blocks are the blocks tokenizing gives
 DONE = ".complete"  # in PREVIOUS once everything is moved there
 
 
