@@ -66,14 +66,14 @@ test-vllm: setup $(VLLM_VENV)/.installed
 	LORAKIT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_serve_vllm.py
 
 # llama.cpp (llama-cpp-python, compiled here, ~10 min the first time) in the project venv: the k-quant GGUF types and the
-# GGUF tests that CI skips without it (tests/test_gguf_kquants.py, the llama.cpp cases of tests/test_gguf_families.py).
+# GGUF tests that CI skips without it (tests/test_gguf_llama_cpp.py, the llama.cpp cases of tests/test_gguf_families.py).
 LLAMA_CPP := $(VENV)/.llama-cpp-installed
 $(LLAMA_CPP): $(VENV)/.installed
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[gguf]'
 	touch $@
 
 test-gguf: $(LLAMA_CPP)
-	$(PY) -m pytest -q tests/test_gguf.py tests/test_gguf_families.py tests/test_gguf_kquants.py
+	$(PY) -m pytest -q tests/test_gguf.py tests/test_gguf_families.py tests/test_gguf_llama_cpp.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -96,3 +96,36 @@ def test_k_quants_without_llama_cpp_are_refused_before_merging(wide_ext, tmp_pat
     err = capsys.readouterr().err
     assert "--gguf-type q4_k_m needs llama.cpp: pip install 'lorakit[gguf]'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+@needs_llama_cpp
+def test_greedy_generation_from_the_f16_file_follows_transformers(wide_ext, tmp_path):
+    """Same prompt ids, greedy, 16 tokens: llama.cpp on the f16 file picks transformers' (fp32, merged) token at every
+    step, except where transformers' own choice is a near-tie that f16 weights can flip (top two within 0.05)."""
+    from lora_kit.templates import TEMPLATES, prompt_ids
+
+    _, ad = wide_ext
+    assert merge_gguf(ad, tmp_path / "f16", "f16") == 0
+    merged = tmp_path / "hf"
+    assert main(["merge", "--adapter", str(ad), "--output", str(merged)]) == 0
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    llm = llamacpp.load(tmp_path / "f16" / "model-f16.gguf")
+    texts = ["大语言模型的词表扩充", "今天天气很好。", "The quick brown fox", "《红楼梦》成书于1791年",
+             "请把下面的句子翻译成英文"]
+    equal = 0
+    for text in texts:
+        ids = prompt_ids(tok, TEMPLATES["alpaca"], [{"role": "user", "content": text}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        want = out.sequences[0, len(ids):].tolist()
+        got = [int(t) for t, _ in zip(llm.generate(ids, temp=0.0, top_k=1, reset=True), range(16))]
+        if got == want:
+            equal += 1
+            continue
+        i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
+        step = out.logits[i][0]
+        assert float(step[want[i]] - step[got[i]]) < 0.05, (text, i)  # a near-tie, not a different model
+    llm.close()
+    assert equal >= len(texts) - 2
