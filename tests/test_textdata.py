@@ -219,7 +219,7 @@ def test_mixture_draws_follow_the_weights_and_each_source_runs_its_own_epochs(to
     other = [tuple(x["input_ids"].tolist()) for x in itertools.islice(iter(Mixture([zh, eng], [0.8, 0.2], 4)), n)]
     assert other != drawn
 
-    with pytest.raises(LorakitError, match="2 weights for 1 sources"):
+    with pytest.raises(LorakitError, match="2 weights for the 1 sources"):
         Mixture([zh], [0.5, 0.5])
     with pytest.raises(LorakitError, match="must all be > 0"):
         Mixture([zh, eng], [1.0, 0.0])

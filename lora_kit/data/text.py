@@ -267,16 +267,22 @@ class BlockDataset(IterableDataset):
             n += 1
 
 
+def check_weights(sources: int, weights: list[float], data: str = "") -> None:
+    """One line if `weights` cannot mix `sources` sources: one positive weight per source."""
+    if len(weights) != sources:
+        raise LorakitError(f"data_weights has {len(weights)} weights for the {sources} sources in data"
+                           + (f"={data}" if data else ""))
+    if any(not w > 0 for w in weights):
+        raise LorakitError(f"data_weights must all be > 0, got {weights}")
+
+
 class Mixture(IterableDataset):
     """Endless blocks from several sources: each block comes from source i with probability weights[i] (a seeded draw,
     the same on every run and every resume), and each source goes through its own epochs. `drawn(n)` counts how many
     of the first n blocks came from each source."""
 
     def __init__(self, sources: list[BlockDataset], weights: list[float], seed: int = 0):
-        if len(sources) != len(weights):
-            raise LorakitError(f"data_weights has {len(weights)} weights for {len(sources)} sources in data")
-        if any(not w > 0 for w in weights):
-            raise LorakitError(f"data_weights must all be > 0, got {weights}")
+        check_weights(len(sources), weights)
         self.sources, self.seed = sources, seed
         total = sum(weights)
         self.weights = [w / total for w in weights]

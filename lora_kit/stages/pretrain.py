@@ -22,7 +22,7 @@ from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from lora_kit.data.text import BlockDataset, Corpus, Mixture, collate_blocks, data_parts
+from lora_kit.data.text import BlockDataset, Corpus, Mixture, check_weights, collate_blocks, data_parts
 from lora_kit.errors import LorakitError
 from lora_kit.evaluate.bpc import DocScore, score_documents
 from lora_kit.models.builder import load_base, new_rows, new_token_ids
@@ -95,7 +95,8 @@ class Config(RunArgs, ModelArgs):
     eval_data: str = arg("", "held-out text (same forms as data); empty = a hashed eval_fraction of data (of each "
                              "source with data_weights)")
     eval_fraction: float = arg(0.01, "fraction of documents held out when eval_data is empty", FRACTION)
-    eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss)", GE0)
+    eval_max_docs: int = arg(500, "at most this many held-out documents are scored (bits/char, loss; per source with "
+                                  "data_weights)", GE0)
     eval_batch_size: int = arg(8, "documents per forward pass when evaluating", GE1)
     max_docs: int = arg(0, "read only the first N documents of data (0 = all)", GE0)
     block_size: int = arg(512, "tokens per training block (documents joined with EOS, then cut; no padding)",
@@ -133,11 +134,8 @@ def plan(cfg: Config, dry_run: bool = False) -> tuple[Path, list[int], dict[int,
         raise LorakitError(f"phases must be [1,2], [1] or [2], got {cfg.phases}")
     if not cfg.output_dir:
         raise LorakitError("output_dir is required (output_dir=DIR)")
-    if cfg.data_weights and len(data_parts(cfg.data)) != len(cfg.data_weights):
-        raise LorakitError(f"data_weights has {len(cfg.data_weights)} weights for the {len(data_parts(cfg.data))} "
-                           f"sources in data={cfg.data}")
-    if any(not w > 0 for w in cfg.data_weights):
-        raise LorakitError(f"data_weights must all be > 0, got {cfg.data_weights}")
+    if cfg.data_weights:  # refused before the output directory is touched
+        check_weights(len(data_parts(cfg.data)), cfg.data_weights, cfg.data)
     out = Path(cfg.output_dir)
     keep = SUBRUNS if cfg.resume and not cfg.force else [phase_dir(out, n).name for n in (1, 2) if n not in phases]
     RunDir.claim(out, force=cfg.force, resume=cfg.resume, recipe=yaml.safe_load(dump_yaml(cfg)), keep=keep,
