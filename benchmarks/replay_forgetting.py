@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--replay", default=str(SHARED / "c4_demo.jsonl"), help="English text mixed in (jsonl 'text')")
     ap.add_argument("--weight", type=float, default=0.1, help="share of blocks drawn from --replay")
     ap.add_argument("--wiki-chars", type=int, default=4000)
+    ap.add_argument("--score-only", action="store_true", help="score the finished runs in WORK, train nothing")
     ap.add_argument("keys", nargs="*", help="extra key=value for lorakit pretrain")
     args = ap.parse_args()
     work = Path(args.work)
@@ -70,7 +71,10 @@ def main() -> None:
                    f"model={args.model}", "phases=[2]", f"phase2.max_steps={args.steps}", f"seed={seed}",
                    f"output_dir={out}", "resume=true", *arms[arm], *args.keys]
             t0 = time.time()
-            subprocess.run(cmd, check=True)
+            if args.score_only and not (out / "run.json").is_file():
+                continue
+            if not args.score_only:
+                subprocess.run(cmd, check=True)
             runs.append({"arm": arm, "seed": seed, "adapter": str(out), "train_s": round(time.time() - t0, 1),
                          "sources": json.loads((out / "run.json").read_text()).get("sources")})
             print(f"{arm} seed {seed}: {runs[-1]['train_s']} s", flush=True)
@@ -84,6 +88,8 @@ def main() -> None:
     rel = lambda v, k: f"{v:.4f} ({(v / base[k] - 1) * 100:+.1f}%)"
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
         for r in mine:
             cells = " | ".join(rel(r["bpc"][k], k) for k in ("zh", "en", "wiki"))
             print(f"| {arm}, seed {r['seed']} | {cells} |")
