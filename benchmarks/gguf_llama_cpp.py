@@ -102,14 +102,22 @@ def main() -> None:
                 same = {k: sum(llamacpp.tokenize(llm, t) == tok(t, add_special_tokens=False)["input_ids"] for t in v)
                         for k, v in text.items()}
                 row["tokenization"] = {k: f"{same[k]}/{len(v)}" for k, v in text.items()}
-                answers = []
+                answers, ties = [], []
                 for ids in prompts:
                     with torch.no_grad():
-                        want = hf.generate(torch.tensor([ids]), max_new_tokens=args.new_tokens, do_sample=False,
-                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):]
+                        out = hf.generate(torch.tensor([ids]), max_new_tokens=args.new_tokens, do_sample=False,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                          output_logits=True, return_dict_in_generate=True)
+                    want = out.sequences[0, len(ids):].tolist()
                     got = greedy_llama_cpp(llm, ids, args.new_tokens, tok.eos_token_id)
-                    answers.append(want.tolist() == got)
+                    answers.append(want == got)
+                    if want != got:  # where they part: transformers' margin between its token and llama.cpp's
+                        i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                        step = out.logits[i][0] if i < len(out.logits) and i < len(got) else None
+                        margin = None if step is None else round(float(step[want[i]] - step[got[i]]), 4)
+                        ties.append({"token": i, "margin": margin})
                 row["greedy_equal"] = f"{sum(answers)}/{len(answers)}"
+                row["greedy_divergences"] = ties
             entry["zh_bpc"] = round(bits_per_char(llm, tok, zh_eval), 4)
             llm.close()
             path.unlink()
@@ -120,7 +128,8 @@ def main() -> None:
             entry["bpc_vs_f16"] = round(entry["zh_bpc"] / f16, 4) if f16 else None
         result[model] = row
         print(f"\n{model}: tokenization identical {row.get('tokenization')}; greedy answers equal to transformers "
-              f"{row.get('greedy_equal')}\n| type | MB | zh bits/char | vs f16 | logit corr | top-1 |")
+              f"{row.get('greedy_equal')} (where not: {row.get('greedy_divergences')})")
+        print("| type | MB | zh bits/char | vs f16 | logit corr | top-1 |")
         print("|---|---|---|---|---|---|")
         for kind, e in row["types"].items():
             c = e["check"] or {}
