@@ -247,6 +247,20 @@ def test_ablating_extend_vocab_wires_pretrain_to_the_base_with_phase2_only(tiny_
     assert branch.stages[1].argv[-2] == f"model={tmp_path / 'b' / '1-pretrain' / 'merged'}"
 
 
+def test_grpo_follows_sft_on_its_merged_model_and_is_scored_by_the_rm_stage(tiny_model_dir, tmp_path):
+    path = recipe(tmp_path, tiny_model_dir, [{"sft": {}}, {"rm": {}}, {"grpo": {"rewards": "model:1,format:0.2"}},
+                                             {"merge": {}}])
+    plan = build_plan(str(path), [], output_dir=str(tmp_path / "o"))
+    sft, rm, grpo, merge = plan.stages
+    out = tmp_path / "o"
+    assert f"model={out / '1-sft' / 'merged'}" in grpo.argv  # a fresh LoRA over the merged SFT policy (its reference)
+    assert f"reward_adapter={out / '2-rm'}" in grpo.argv and grpo.inputs["reward"] == rm.fingerprint
+    assert merge.argv[:3] == ["merge", "--adapter", str(out / "3-grpo")]
+    with pytest.raises(LorakitError, match="stage 3 'grpo' comes after 'ppo'"):
+        build_plan(str(recipe(tmp_path, tiny_model_dir, [{"sft": {}}, {"ppo": {"reward_fn": "m:f"}}, {"grpo": {}}],
+                              name="both")), [], output_dir=str(tmp_path / "p"))
+
+
 def test_evaluation_after_each_stage_base_first_and_cached(tiny_model_dir, tmp_path, capsys):
     sft = {"data": "zh_sft_mix", "max_samples": 16, "cutoff_len": 128, "batch_size": 2, "max_steps": 2,
            "save_steps": 2, "logging_steps": 1, "dtype": "fp32", "gradient_checkpointing": False}

@@ -23,11 +23,11 @@ from lora_kit.errors import LorakitError
 from lora_kit.models.embedded import ALIASES
 from lora_kit.recipe import all_keys, arg, find_recipe, flatten, load_config, to_dict
 
-# The order stages run in; ppo and dpo share a rank (one or the other follows sft).
-ORDER = {"extend-vocab": 0, "pretrain": 1, "sft": 2, "rm": 3, "ppo": 4, "dpo": 4, "merge": 5, "eval": 6}
-ORDER_TEXT = "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo) -> merge -> eval"
-ADAPTER_STAGES = ("pretrain", "sft", "ppo", "dpo")  # train the policy: their adapter becomes the next stage's base
-TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo")
+# The order stages run in; ppo, dpo and grpo share a rank (one of them follows sft).
+ORDER = {"extend-vocab": 0, "pretrain": 1, "sft": 2, "rm": 3, "ppo": 4, "dpo": 4, "grpo": 4, "merge": 5, "eval": 6}
+ORDER_TEXT = "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo | grpo) -> merge -> eval"
+ADAPTER_STAGES = ("pretrain", "sft", "ppo", "dpo", "grpo")  # train the policy: their adapter becomes the next base
+TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 WIRED = {  # keys the pipeline sets itself, per stage kind; a recipe that sets them is refused
     "recipe": ("model", "output_dir", "resume", "force"),
     "extend-vocab": ("model", "output", "force"),
@@ -223,6 +223,9 @@ def _wire(plan: Plan, entries: list[tuple[str, dict]], source: str) -> None:
             if name == "ppo" and reward is not None and "reward_fn" not in sets:
                 sets["reward_adapter"] = str(plan.out / reward.label)
                 inputs["reward"] = reward.fingerprint
+            elif name == "grpo" and reward is not None and "reward_adapter" not in sets:  # rewards= weighs it (model)
+                sets["reward_adapter"] = str(plan.out / reward.label)
+                inputs["reward"] = reward.fingerprint
             wired = [f"model={model}", f"output_dir={out}"]
             try:
                 resolved = load_config(config_cls, recipe, [f"{k}={v}" for k, v in sets.items()] + wired)
@@ -241,7 +244,7 @@ def _wire(plan: Plan, entries: list[tuple[str, dict]], source: str) -> None:
                     model = stage.merged
         elif name == "merge":
             if adapter is None:
-                raise LorakitError(f"{where}: nothing to merge (no pretrain, sft, dpo or ppo stage before it)")
+                raise LorakitError(f"{where}: nothing to merge (no pretrain, sft, ppo, dpo or grpo stage before it)")
             stage.resolved = _tool_options(name, options, where)
             stage.argv = [name, "--adapter", adapter.adapter, "--model", adapter.model, "--output", str(out),
                           *_tool_argv(name, stage.resolved)]
