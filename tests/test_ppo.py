@@ -133,3 +133,23 @@ def test_ppo_with_reward_and_sft_adapters(tiny_model_dir, tmp_path):
 def test_ppo_needs_exactly_one_reward(tiny_model_dir, tmp_path, capsys):
     assert main(["ppo", f"model={tiny_model_dir}", f"data={prompts(tmp_path, 4)}", f"output_dir={tmp_path / 'o'}"]) == 2
     assert "exactly one of reward_adapter" in capsys.readouterr().err
+
+
+def test_verifiable_rewards_add_to_the_score_and_answer_rewards_are_refused(peaked_model_dir, tmp_path, capsys):
+    from lora_kit.training.rewards import han_share
+    from ppo_rewards import ascii_share
+
+    out = tmp_path / "o"
+    args = _ppo_args(peaked_model_dir, prompts(tmp_path, 12), out, "max_steps=2", "reward_fn=ppo_rewards:ascii_share")
+    assert main([*args, "rewards=han_share:2"]) == 0
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6  # 3 held-out prompts, before and after
+    for s in samples:  # the score PPO optimised is the function's value plus 2 x the response's Han share
+        want = ascii_share(None, [s["response"]])[0] + 2 * han_share(None, [s["response"]])[0]
+        assert s["score"] == pytest.approx(want, abs=1e-4), s
+    assert any(han_share(None, [s["response"]])[0] > 0 for s in samples)  # the added term is not always zero
+    capsys.readouterr()
+    assert main([*_ppo_args(peaked_model_dir, prompts(tmp_path, 12), tmp_path / "r"), "rewards=sentiment:1"]) == 2
+    err = capsys.readouterr().err
+    assert "rewards: 'sentiment' needs reference answers" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

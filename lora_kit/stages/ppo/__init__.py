@@ -44,7 +44,7 @@ from lora_kit.stages.ppo.core import KLController, RunningMoments, all_gather, i
 from lora_kit.stages.ppo.roles import Roles
 from lora_kit.templates import encode
 from lora_kit.training import interrupt
-from lora_kit.training.rewards import load_reward_fn
+from lora_kit.training.rewards import BUILTIN, load_reward_fn, parse_weights
 from lora_kit.training.run import is_main_process, open_run, plot_metrics, save_run, wait_for_everyone
 
 PLOT_KEYS = ("reward", "eval_reward", "kl", "entropy", "response_len", "clipfrac", "value_loss")
@@ -57,6 +57,8 @@ class Config(ModelArgs, DataArgs, TrainArgs):
     sft_adapter: str = arg("", "SFT adapter the actor starts from (also the frozen reference); empty = base")
     reward_adapter: str = arg("", "reward model from `lorakit rm` (adapter + score head)")
     reward_fn: str = arg("", "rule-based reward instead: package.module:function(prompts, responses) -> floats")
+    rewards: str = arg("", "verifiable rewards added to the score, name:weight,... of han_share (share of Chinese "
+                           "characters: a language-consistency reward against drift out of Chinese, BENCHMARKS.md)")
     max_new_tokens: int = arg(48, "tokens sampled per response", GE1)
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same temperature)", POSITIVE)
     top_k: int = arg(0, "top-k sampling (0 = off)", GE0)
@@ -113,18 +115,36 @@ def response_texts(batch, tokenizer) -> list[str]:
     return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch["resp"], batch["rmask"])]
 
 
+VERIFIABLE = ("han_share",)  # the built-in rewards that need no reference answer (PPO prompts have none)
+
+
+def verifiable_weights(spec: str) -> dict[str, float]:
+    """{name: weight} of `rewards=`, refused in one line for a reward that needs reference answers."""
+    weights = parse_weights(spec)
+    for name in weights:
+        if name not in VERIFIABLE:
+            raise LorakitError(f"rewards: '{name}' needs reference answers, which PPO prompts do not have "
+                               f"(PPO adds: {', '.join(VERIFIABLE)}; use lorakit grpo for answer rewards)")
+    return weights
+
+
 def score(roles, cfg, tokenizer, template, reward_fn, prompts: list[list[dict]], texts: list[str]) -> torch.Tensor:
-    """One reward per response: `reward_fn` on the texts, else the reward model on prompt + response."""
+    """One reward per response: `reward_fn` on the texts, else the reward model on prompt + response; plus the
+    weighted verifiable rewards of `rewards=`."""
     if reward_fn is not None:
         vals = reward_fn([p[-1]["content"] for p in prompts], texts)
         if len(vals) != len(texts):
             raise LorakitError(f"reward_fn returned {len(vals)} values for {len(texts)} responses")
-        return torch.tensor([float(v) for v in vals], device=roles.device)
-
-    seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0] for p, t in zip(prompts, texts)]
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-    return roles.scores(ids, tokenizer.pad_token_id)
+        total = torch.tensor([float(v) for v in vals], device=roles.device)
+    else:
+        seqs = [encode(tokenizer, template, p + [{"role": "assistant", "content": t}])[0]
+                for p, t in zip(prompts, texts)]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+        total = roles.scores(ids, tokenizer.pad_token_id)
+    for name, weight in verifiable_weights(cfg.rewards).items():
+        total = total + weight * torch.tensor(BUILTIN[name](None, texts), device=total.device, dtype=total.dtype)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------- one PPO step
@@ -297,6 +317,7 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
         raise LorakitError(f"batch_size ({cfg.batch_size}) must be a multiple of "
                            f"mini_batch_size ({cfg.mini_batch_size})")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    extra = verifiable_weights(cfg.rewards)
     rank, world = init_processes()
 
     def say(msg: str) -> None:
@@ -329,7 +350,8 @@ def run(cfg: Config, dry_run: bool = False) -> Path:
     say(f"{base} ({cfg.quantization}, {str(dtype).replace('torch.', '')}); {len(train)} prompts "
         f"({len(held)} held out, {n_prompts - len(train) - len(held)} dropped as over-long); actor + critic "
         f"trainable {trainable:,} / {total:,}; reward = "
-        f"{cfg.reward_adapter or cfg.reward_fn}; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
+        f"{cfg.reward_adapter or cfg.reward_fn}" + "".join(f" + {w:g} x {n}" for n, w in extra.items()) +
+        f"; reference = {'sft adapter' if cfg.sft_adapter else 'base'}; "
         f"{per_step} rollouts x {cfg.max_new_tokens} tokens per step, {updates} updates")
     if dry_run:
         return out
