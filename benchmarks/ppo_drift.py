@@ -63,7 +63,7 @@ def review_sft_data(work: Path) -> Path:
 
 
 def probe(rm: Path, classes: dict[str, list[tuple[list[dict], str]]]) -> dict[str, tuple[float, float, int]]:
-    from lora_kit.models.load import resolve_model, load_tokenizer
+    from lora_kit.models.load import load_tokenizer, resolve_model
     from lora_kit.recipe import load_config
     from lora_kit.stages import rm as rm_stage
     from lora_kit.templates import resolve
@@ -116,8 +116,8 @@ def main() -> int:
     if args.han:
         for name in [n for n in runs if "review SFT" in n]:
             out, cmd = runs[name]
-            han = ["rewards=han_share:1"] if cmd[0] == "ppo" else ["rewards=model:1,han_share:1"]
-            runs[f"{name} + han_share"] = (out.with_name(out.name + "-han"), cmd + han)
+            added = ["rewards=han_share:1"] if cmd[0] == "ppo" else ["rewards=model:1,han_share:1"]
+            runs[f"{name} + han_share"] = (out.with_name(out.name + "-han"), cmd + added)
     for name, (out, cmd) in runs.items():
         if not (out / "run.json").is_file():
             extra = args.ppo if cmd[0] == "ppo" else []
@@ -156,7 +156,8 @@ def main() -> int:
         m = rows(out / "metrics.jsonl")
         if name.startswith("ppo"):  # the reward model's score alone, also where the run added han_share to it
             ev = [r for r in m if "eval_reward" in r]
-            (b, bse, _), (a, ase, _) = probed[f"{name}: held-out samples before"], probed[f"{name}: held-out samples after"]
+            b, bse, _ = probed[f"{name}: held-out samples before"]
+            a, ase, _ = probed[f"{name}: held-out samples after"]
             got = rows(out / "samples.jsonl")
             hb = statistics.fmean(han(s["response"]) for s in got if s["when"] == "before")
             ha = statistics.fmean(han(s["response"]) for s in got if s["when"] == "after")

@@ -33,7 +33,8 @@ COMMANDS = [
     Command("grpo", "lora_kit.stages.grpo", "GRPO on LoRA: verifiable, function or reward-model rewards", "grpo_zh"),
     Command("dpo", "lora_kit.stages.dpo", "preference optimisation with LoRA: DPO, IPO, ORPO, SimPO, KTO", "dpo_zh"),
     Command("pipeline", "lora_kit.pipeline.run",
-            "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo | grpo) -> merge -> eval: cached, resumable, reported"),
+            "extend-vocab -> pretrain -> sft -> (rm -> ppo | dpo | grpo) -> merge -> eval: cached, resumable,"
+            " reported"),
     Command("merge", "lora_kit.export.merge", "merge adapters into full weights (hf or gguf), verified"),
     Command("svd", "lora_kit.export.svd", "reduce an adapter's rank or combine adapters by SVD"),
     Command("extract-lora", "lora_kit.export.extract", "extract a LoRA adapter from a fully fine-tuned model"),
