@@ -9,9 +9,11 @@ fixes it (issue 20). Three parts, each printed as a table:
    training pairs' reviews, both polarities, so PPO has somewhere to go).
 3. PPO with that reward model from each start: held-out mean reward before/after with its standard error, KL to the
    reference, share of Han characters; and GRPO with the same reward model from the SFT start (`--grpo`); with
-   `--han`, the SFT-start runs again with the share of Han characters added to the reward (`rewards=han_share:1`).
+   `--han`, the SFT-start runs again with the share of Han characters added to the reward (`rewards=han_share:1`),
+   and PPO so again with a KL coefficient of 0.2 that the adaptive controller can move within the run (horizon 16
+   rollouts rather than 10000).
 
-    flock /tmp/lorakit-heavy.lock python benchmarks/ppo_drift.py [--workdir /tmp/lorakit-ppo-drift] [--grpo] [--han]
+    flock /tmp/lorakit-heavy.lock python benchmarks/ppo_drift.py [--workdir DIR] [--grpo] [--han] [--no-base]
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def main() -> int:
     ap.add_argument("--grpo", action="store_true", help="also GRPO with the reward model from the SFT start")
     ap.add_argument("--han", action="store_true", help="also the SFT-start runs with the language-consistency reward "
                                                         "added (rewards=han_share:1)")
+    ap.add_argument("--no-base", action="store_true", help="skip PPO from SmolLM2 itself (the slowest arm)")
     ap.add_argument("--ppo", nargs="*", default=["eval_fraction=0.2", "eval_samples=48"], metavar="key=value",
                     help="ppo overrides (default: 48 held-out prompts, so a rise of 3 standard errors can show)")
     args = ap.parse_args()
@@ -107,6 +110,8 @@ def main() -> int:
 
     runs = {"ppo from SmolLM2": (work / "ppo-base", ["ppo", "--recipe", "ppo_zh"]),
             "ppo from review SFT": (work / "ppo-sft", ["ppo", "--recipe", "ppo_zh", f"sft_adapter={sft}"])}
+    if args.no_base:
+        del runs["ppo from SmolLM2"]
     if args.grpo:
         runs["grpo from review SFT"] = (work / "grpo-sft", [
             "grpo", "--recipe", "grpo_zh", "data=zh_review_prompts", "eval_data=", "eval_fraction=0.2",
@@ -118,6 +123,9 @@ def main() -> int:
             out, cmd = runs[name]
             added = ["rewards=han_share:1"] if cmd[0] == "ppo" else ["rewards=model:1,han_share:1"]
             runs[f"{name} + han_share"] = (out.with_name(out.name + "-han"), cmd + added)
+            if cmd[0] == "ppo":  # the adaptive KL controller at a horizon this short run can reach (default 10000)
+                runs[f"{name} + han_share, KL 0.2 / horizon 16"] = (
+                    out.with_name(out.name + "-han-kl"), cmd + added + ["init_kl_coef=0.2", "kl_horizon=16"])
     for name, (out, cmd) in runs.items():
         if not (out / "run.json").is_file():
             extra = args.ppo if cmd[0] == "ppo" else []
