@@ -1,6 +1,8 @@
-"""Peak RSS of `lorakit grpo` against `lorakit sft` on the same model and batch: 8 sequences of ~128 tokens (GRPO: 2
-prompts x 4 completions of up to 40 tokens; SFT: packed rows of 128 tokens), LoRA r8 all-linear, fp32, CPU. Each run is
-its own process (peak = the child's ru_maxrss). Target (issue 20): GRPO peak <= 1.3x SFT peak.
+"""Peak RSS of `lorakit grpo` against `lorakit sft` on the same model and batch: 8 sequences of ~128 tokens, LoRA r8
+all-linear, fp32, CPU. GRPO: 2 review prompts (`zh_review_prompts`, 55 tokens median in SmolLM2's template) x 4
+completions of up to 72 tokens, scored by the share of Han characters; SFT: packed rows of 128 tokens. (The sentiment
+prompts of grpo_zh are 142 tokens median, so with them GRPO's batch would be ~40% longer than SFT's.) Each run is its
+own process (peak = the child's ru_maxrss). Target (issue 20): GRPO peak <= 1.3x SFT peak.
 
     flock /tmp/lorakit-heavy.lock python benchmarks/grpo_memory.py [--model smollm2-135m] [--with-reward-model]
 """
@@ -28,8 +30,9 @@ def main() -> int:
     lorakit = [sys.executable, "-m", "lora_kit.cli"]
     common = [f"model={args.model}", f"dtype={args.dtype}", "lora.r=8", "lora.target_modules=all-linear", "seed=0",
               "gradient_checkpointing=false"]
-    grpo = ["grpo", "--recipe", "grpo_zh", *common, "batch_size=2", "num_generations=4", "max_new_tokens=40",
-            "max_steps=3", "save_steps=100", "eval_samples=8", "eval_steps=100"]
+    grpo = ["grpo", "--recipe", "grpo_zh", *common, "batch_size=2", "num_generations=4", "max_new_tokens=72",
+            "data=zh_review_prompts", "eval_data=", "rewards=han_share:1", "max_steps=3", "save_steps=100",
+            "eval_samples=8", "eval_steps=100"]
     sft = peak_rss_mib(lorakit + ["sft", "--recipe", "alpaca_zh", *common, f"output_dir={work / 'sft'}",
                                   "cutoff_len=128", "packing=true", "batch_size=8", "max_steps=3", "save_steps=100"])
     verifiable = peak_rss_mib(lorakit + grpo + [f"output_dir={work / 'grpo'}"])
@@ -42,7 +45,7 @@ def main() -> int:
                                   "eval_fraction=0", "max_samples=16"], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         scored = peak_rss_mib(lorakit + grpo + [f"output_dir={work / 'grpo-rm'}", f"reward_adapter={work / 'rm'}",
-                                                "rewards=model:1"])
+                                                "rewards=model:1,han_share:1"])
         print(f"grpo + reward model peak RSS {scored:.0f} MiB (a second base for the scorer), ratio {scored / sft:.2f}")
     return 0 if verifiable <= 1.3 * sft else 1
 
