@@ -108,9 +108,8 @@ def main() -> int:
                         "gradient_checkpointing=false", f"output_dir={sft}", "force=true"], work / "sft.log")
         print(f"review sft: {secs:.0f} s")
 
-    runs = {"ppo from SmolLM2": (work / "ppo-base", ["ppo", "--recipe", "ppo_zh", "rewards="]),
-            "ppo from review SFT": (work / "ppo-sft", ["ppo", "--recipe", "ppo_zh", "rewards=",
-                                                          f"sft_adapter={sft}"])}
+    runs = {"ppo from SmolLM2": (work / "ppo-base", ["ppo", "--recipe", "ppo_zh"]),
+            "ppo from review SFT": (work / "ppo-sft", ["ppo", "--recipe", "ppo_zh", f"sft_adapter={sft}"])}
     if args.no_base:
         del runs["ppo from SmolLM2"]
     if args.grpo:
